@@ -1,0 +1,79 @@
+//! The proxy's own error answers: one place maps every failure to a status
+//! and a JSON body `{"error": "<code>", "message": "<text>"}`.
+
+use http::{header, HeaderValue, Response, StatusCode};
+
+use super::body::ProxyBody;
+use crate::token::Unavailable;
+
+/// A request the proxy could not complete. Texts never hold a token.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// No valid access token within the wait, or the credential was rejected.
+    #[error(transparent)]
+    TokenUnavailable(#[from] Unavailable),
+    /// The upstream could not be connected to.
+    #[error("the upstream could not be reached: {0}")]
+    UpstreamUnreachable(String),
+    /// The upstream failed while the request or response was under way.
+    #[error("the upstream connection failed: {0}")]
+    UpstreamFailed(String),
+    /// The upstream did not send response headers in time.
+    #[error("the upstream did not answer within {0:?}")]
+    UpstreamTimeout(std::time::Duration),
+    /// The client's request could not be forwarded as it is.
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+impl ProxyError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ProxyError::TokenUnavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "token_unavailable")
+            }
+            ProxyError::UpstreamUnreachable(_) => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
+            ProxyError::UpstreamFailed(_) => (StatusCode::BAD_GATEWAY, "upstream_failed"),
+            ProxyError::UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+        }
+    }
+
+    /// The answer the client gets.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let (status, code) = self.status_and_code();
+        json_response(status, code, &self.to_string())
+    }
+}
+
+/// A JSON error answer from the proxy itself.
+pub fn json_response(status: StatusCode, code: &str, message: &str) -> Response<ProxyBody> {
+    let body = serde_json::json!({ "error": code, "message": message }).to_string();
+    let mut response = Response::new(ProxyBody::full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    }
+    response
+}
+
+/// An error's message with its causes, for the client and the log.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,122 @@
+//! Accepting connections and serving HTTP/1.1 and HTTP/2 (h2c) on them, with
+//! a bounded graceful drain when shutdown is asked for.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::proxy::body::ProxyBody;
+use crate::shutdown::ShutdownSignal;
+
+/// How long to pause accepting after an error such as running out of file descriptors.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// Something that answers requests.
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one request; errors are answers too.
+    fn handle(
+        &self,
+        request: Request<Incoming>,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send;
+}
+
+impl Handler for crate::proxy::ProxyService {
+    fn handle(
+        &self,
+        request: Request<Incoming>,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send {
+        crate::proxy::ProxyService::handle(self, request)
+    }
+}
+
+/// Connection-level limits.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// Upper bound for a client to send its request headers.
+    pub header_read_timeout: Duration,
+    /// Largest request head; larger ones get 431.
+    pub max_header_bytes: usize,
+    /// How long requests in flight may finish after shutdown is asked for.
+    pub drain_timeout: Duration,
+}
+
+/// Serves `handler` on `listener` until `shutdown` fires, then drains.
+pub async fn serve<H: Handler>(
+    name: &'static str,
+    listener: TcpListener,
+    handler: Arc<H>,
+    options: ServerOptions,
+    mut shutdown: ShutdownSignal,
+) {
+    let builder = connection_builder(&options);
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let handler = handler.clone();
+                    let service = hyper::service::service_fn(move |request| {
+                        let handler = handler.clone();
+                        async move { Ok::<_, Infallible>(handler.handle(request).await) }
+                    });
+                    let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                    let connection = graceful.watch(connection);
+                    tokio::spawn(async move {
+                        if let Err(error) = connection.await {
+                            tracing::debug!(%peer, error = %error, "client connection ended with an error");
+                        }
+                    });
+                }
+                Err(error) => {
+                    tracing::warn!(listener = name, error = %error, "accepting a connection failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                }
+            },
+            () = shutdown.wait() => break,
+        }
+    }
+    drop(listener);
+    drain(name, graceful, options.drain_timeout).await;
+}
+
+fn connection_builder(options: &ServerOptions) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        .max_buf_size(options.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX));
+    builder
+}
+
+async fn drain(name: &'static str, graceful: GracefulShutdown, timeout: Duration) {
+    let count = graceful.count();
+    if count > 0 {
+        tracing::info!(
+            listener = name,
+            connections = count,
+            "waiting for requests in flight"
+        );
+    }
+    match tokio::time::timeout(timeout, graceful.shutdown()).await {
+        Ok(()) => tracing::debug!(listener = name, "all connections closed"),
+        Err(_) => tracing::warn!(
+            listener = name,
+            timeout = %humantime::format_duration(timeout),
+            "drain timeout reached; closing the connections still open"
+        ),
+    }
+}

@@ -1,0 +1,380 @@
+//! An in-process stand-in for GoTo: a token endpoint and an echo API on
+//! loopback, controlled by its owner (token lifetime, rotation, revocation,
+//! faults). `demo` runs the proxy against it, and the tests do too.
+
+mod api;
+mod token_endpoint;
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use http::{HeaderMap, Method, Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::proxy::body::ProxyBody;
+
+/// The client id the stand-in accepts unless told otherwise.
+pub const CLIENT_ID: &str = "standin-client";
+/// The client secret the stand-in accepts unless told otherwise.
+pub const CLIENT_SECRET: &str = "standin-client-secret";
+/// The principal the stand-in names in its grants.
+pub const PRINCIPAL: &str = "demo.user@example.com";
+
+/// A fault the token endpoint plays instead of answering normally.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Answer with this status and an empty JSON object.
+    Status(u16),
+    /// Answer 429 with `Retry-After` in seconds.
+    TooManyRequests { retry_after_secs: u64 },
+    /// Answer 400 `invalid_grant`.
+    InvalidGrant,
+    /// Never answer.
+    Hang,
+    /// Answer 200 with HTML.
+    Garbage,
+    /// Answer 200 with JSON that has no `access_token`.
+    NoAccessToken,
+    /// Answer 200 with a body larger than any token answer.
+    HugeBody,
+}
+
+/// One request the API received, as it arrived.
+#[derive(Clone, Debug)]
+pub struct RecordedRequest {
+    /// The method.
+    pub method: Method,
+    /// Path and query.
+    pub path_and_query: String,
+    /// Every header, as received.
+    pub headers: HeaderMap,
+}
+
+/// How the token endpoint shapes its grants.
+#[derive(Clone, Debug)]
+pub struct GrantShape {
+    /// Lifetime of new access tokens.
+    pub lifetime: Duration,
+    /// Rotate the refresh token every this many refreshes (0: never).
+    pub rotate_every: u64,
+    /// Send `expires_in` (else the proxy must read the JWT's `exp`).
+    pub send_expires_in: bool,
+    /// Repeat the current refresh token in answers that do not rotate it.
+    pub repeat_refresh_token: bool,
+}
+
+impl Default for GrantShape {
+    fn default() -> Self {
+        Self {
+            lifetime: Duration::from_secs(3600),
+            rotate_every: 0,
+            send_expires_in: true,
+            repeat_refresh_token: false,
+        }
+    }
+}
+
+/// Everything the stand-in knows; the owner reads and changes it through [`StandIn`].
+#[derive(Debug)]
+struct State {
+    client_id: String,
+    client_secret: String,
+    refresh_token: String,
+    pat: String,
+    shape: GrantShape,
+    faults: VecDeque<Fault>,
+    standing_fault: Option<Fault>,
+    issued: HashMap<String, IssuedToken>,
+    refreshes: u64,
+    recorded: VecDeque<RecordedRequest>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct IssuedToken {
+    number: u64,
+    expires_at: Instant,
+    revoked: bool,
+}
+
+/// The most API requests remembered for inspection.
+const RECORDED_MAX: usize = 256;
+
+/// Counters the owner can read at any time.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Token requests received (any grant, any outcome).
+    pub token_requests: AtomicU64,
+    /// Token requests answered with a new access token.
+    pub tokens_issued: AtomicU64,
+    /// API requests received.
+    pub api_requests: AtomicU64,
+    /// API requests refused for their token (401 or 403 InvalidToken).
+    pub api_refusals: AtomicU64,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    counters: Counters,
+}
+
+/// A running stand-in; its servers stop when it is dropped.
+pub struct StandIn {
+    shared: Arc<Shared>,
+    token_addr: SocketAddr,
+    api_addr: SocketAddr,
+    api_tls: bool,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for StandIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StandIn")
+            .field("token_addr", &self.token_addr)
+            .field("api_addr", &self.api_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How to start a stand-in.
+#[derive(Clone, Debug, Default)]
+pub struct StandInOptions {
+    /// The first refresh token to accept (a random one if `None`).
+    pub refresh_token: Option<String>,
+    /// How grants look.
+    pub shape: GrantShape,
+    /// Serve the API over TLS with this PEM certificate chain and key.
+    pub api_tls: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl StandIn {
+    /// Starts the token endpoint and the API on `127.0.0.1:0`.
+    pub async fn start(options: StandInOptions) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                client_id: CLIENT_ID.to_owned(),
+                client_secret: CLIENT_SECRET.to_owned(),
+                refresh_token: options.refresh_token.unwrap_or_else(|| random_token("rt")),
+                pat: random_token("pat"),
+                shape: options.shape,
+                faults: VecDeque::new(),
+                standing_fault: None,
+                issued: HashMap::new(),
+                refreshes: 0,
+                recorded: VecDeque::new(),
+            }),
+            counters: Counters::default(),
+        });
+        let token_listener = TcpListener::bind("127.0.0.1:0").await?;
+        let api_listener = TcpListener::bind("127.0.0.1:0").await?;
+        let token_addr = token_listener.local_addr()?;
+        let api_addr = api_listener.local_addr()?;
+        let tls = match options.api_tls {
+            Some((chain, key)) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+                crate::tls::server_config(&chain, &key).map_err(std::io::Error::other)?,
+            ))),
+            None => None,
+        };
+        let api_tls = tls.is_some();
+        let tasks = vec![
+            tokio::spawn(accept_loop(
+                token_listener,
+                None,
+                shared.clone(),
+                Role::TokenEndpoint,
+            )),
+            tokio::spawn(accept_loop(api_listener, tls, shared.clone(), Role::Api)),
+        ];
+        Ok(Self {
+            shared,
+            token_addr,
+            api_addr,
+            api_tls,
+            tasks,
+        })
+    }
+
+    /// The token endpoint's URL.
+    pub fn token_url(&self) -> String {
+        format!("http://{}/oauth/token", self.token_addr)
+    }
+
+    /// The API's base URL.
+    pub fn api_url(&self) -> String {
+        let scheme = if self.api_tls { "https" } else { "http" };
+        // The certificate in certs/ names "localhost", so TLS goes by that name.
+        let host = if self.api_tls {
+            "localhost"
+        } else {
+            "127.0.0.1"
+        };
+        format!("{scheme}://{host}:{}", self.api_addr.port())
+    }
+
+    /// The refresh token the endpoint accepts now.
+    pub fn refresh_token(&self) -> String {
+        self.state().refresh_token.clone()
+    }
+
+    /// The personal access token the endpoint accepts.
+    pub fn pat(&self) -> String {
+        self.state().pat.clone()
+    }
+
+    /// Every access token issued so far, newest last.
+    pub fn issued_access_tokens(&self) -> Vec<String> {
+        let state = self.state();
+        let mut tokens: Vec<_> = state
+            .issued
+            .iter()
+            .map(|(t, i)| (i.number, t.clone()))
+            .collect();
+        tokens.sort();
+        tokens.into_iter().map(|(_, t)| t).collect()
+    }
+
+    /// Changes how new grants look.
+    pub fn set_shape(&self, shape: GrantShape) {
+        self.state().shape = shape;
+    }
+
+    /// Plays `fault` for the next token request (queued after earlier ones).
+    pub fn push_fault(&self, fault: Fault) {
+        self.state().faults.push_back(fault);
+    }
+
+    /// Plays `fault` for every token request until cleared with `None`.
+    pub fn set_standing_fault(&self, fault: Option<Fault>) {
+        self.state().standing_fault = fault;
+    }
+
+    /// Makes every access token issued so far invalid, as a revocation would.
+    pub fn revoke_access_tokens(&self) {
+        for token in self.state().issued.values_mut() {
+            token.revoked = true;
+        }
+    }
+
+    /// Makes the current refresh token invalid (refreshes then get `invalid_grant`).
+    pub fn revoke_refresh_token(&self) {
+        self.state().refresh_token = random_token("rt-unknown");
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> &Counters {
+        &self.shared.counters
+    }
+
+    /// Token requests received so far.
+    pub fn token_requests(&self) -> u64 {
+        self.shared.counters.token_requests.load(Ordering::SeqCst)
+    }
+
+    /// API requests refused for their token so far.
+    pub fn api_refusals(&self) -> u64 {
+        self.shared.counters.api_refusals.load(Ordering::SeqCst)
+    }
+
+    /// The API requests received, oldest first (the last few hundred).
+    pub fn recorded_requests(&self) -> Vec<RecordedRequest> {
+        self.state().recorded.iter().cloned().collect()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.shared)
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+fn lock(shared: &Shared) -> MutexGuard<'_, State> {
+    // A panic while holding the lock cannot leave the state half-changed in a
+    // way that matters to a stand-in; keep serving.
+    shared
+        .state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A random token-like string.
+fn random_token(prefix: &str) -> String {
+    let mut text = String::with_capacity(prefix.len() + 33);
+    text.push_str(prefix);
+    text.push('-');
+    for _ in 0..32 {
+        text.push(fastrand::alphanumeric());
+    }
+    text
+}
+
+#[derive(Clone, Copy)]
+enum Role {
+    TokenEndpoint,
+    Api,
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shared: Arc<Shared>,
+    role: Role,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let shared = shared.clone();
+                async move {
+                    Ok::<_, Infallible>(match role {
+                        Role::TokenEndpoint => token_endpoint::handle(&shared, request).await,
+                        Role::Api => api::handle(&shared, request).await,
+                    })
+                }
+            });
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let _ = match tls {
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(tls_stream) => {
+                        builder
+                            .serve_connection(TokioIo::new(tls_stream), service)
+                            .await
+                    }
+                    Err(_) => return,
+                },
+                None => {
+                    builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                }
+            };
+        });
+    }
+}
+
+fn json(status: u16, value: &serde_json::Value) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::full(value.to_string()));
+    *response.status_mut() =
+        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}

@@ -1,0 +1,168 @@
+//! The stand-in's OAuth token endpoint.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use http::{Method, Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::{json, lock, random_token, Fault, IssuedToken, Shared, State, PRINCIPAL};
+use crate::proxy::body::ProxyBody;
+
+/// Padding that makes access tokens as long as GoTo's (kilobytes).
+const TOKEN_PADDING: usize = 1200;
+
+pub(super) async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<ProxyBody> {
+    shared
+        .counters
+        .token_requests
+        .fetch_add(1, Ordering::SeqCst);
+    if request.method() != Method::POST || request.uri().path() != "/oauth/token" {
+        return json(404, &serde_json::json!({"error": "not_found"}));
+    }
+    let authorized = basic_credentials(request.headers());
+    let Ok(body) = request.into_body().collect().await else {
+        return json(400, &serde_json::json!({"error": "invalid_request"}));
+    };
+    let form: Vec<(String, String)> = form_urlencoded::parse(&body.to_bytes())
+        .into_owned()
+        .collect();
+    let field = |name: &str| {
+        form.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+
+    let fault = {
+        let mut state = lock(shared);
+        state
+            .faults
+            .pop_front()
+            .or_else(|| state.standing_fault.clone())
+    };
+    if let Some(fault) = fault {
+        return play(fault).await;
+    }
+
+    let mut state = lock(shared);
+    if authorized.as_ref() != Some(&(state.client_id.clone(), state.client_secret.clone())) {
+        return json(401, &serde_json::json!({"error": "invalid_client"}));
+    }
+    let accepted = match field("grant_type") {
+        Some("refresh_token") => field("refresh_token") == Some(state.refresh_token.as_str()),
+        Some("personal_access_token") => field("pat") == Some(state.pat.as_str()),
+        _ => return json(400, &serde_json::json!({"error": "unsupported_grant_type"})),
+    };
+    if !accepted {
+        return json(
+            400,
+            &serde_json::json!({"error": "invalid_grant", "error_description": "token not valid"}),
+        );
+    }
+    let grant = issue(shared, &mut state);
+    json(200, &grant)
+}
+
+/// Issues an access token (and, when due, a new refresh token).
+fn issue(shared: &Shared, state: &mut State) -> serde_json::Value {
+    let number = shared.counters.tokens_issued.fetch_add(1, Ordering::SeqCst) + 1;
+    let lifetime = state.shape.lifetime;
+    let access_token = jwt_like(number, lifetime);
+    state.issued.insert(
+        access_token.clone(),
+        IssuedToken {
+            number,
+            expires_at: Instant::now() + lifetime,
+            revoked: false,
+        },
+    );
+    state.issued.retain(|_, t| t.expires_at > Instant::now());
+    state.refreshes += 1;
+    let rotate = state.shape.rotate_every > 0 && state.refreshes % state.shape.rotate_every == 0;
+    if rotate {
+        state.refresh_token = random_token("rt");
+    }
+    let mut grant = serde_json::json!({
+        "access_token": access_token,
+        "token_type": "Bearer",
+        "principal": PRINCIPAL,
+        "scope": "collab: identity:",
+        "account_key": "1234567890",
+        "organizer_key": "9876543210",
+    });
+    if state.shape.send_expires_in {
+        grant["expires_in"] = lifetime.as_secs().into();
+    }
+    if rotate || state.shape.repeat_refresh_token {
+        grant["refresh_token"] = state.refresh_token.clone().into();
+    }
+    grant
+}
+
+/// A token shaped like a JWT, with an `exp` claim, about 1.5 KB long.
+fn jwt_like(number: u64, lifetime: Duration) -> String {
+    let encode = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        + lifetime;
+    let claims = serde_json::json!({
+        "sub": PRINCIPAL,
+        "exp": exp.as_secs(),
+        "n": number,
+        "jti": random_token("jti"),
+        "pad": "x".repeat(TOKEN_PADDING),
+    });
+    format!(
+        "{}.{}.{}",
+        encode(br#"{"alg":"RS256","typ":"JWT"}"#),
+        encode(claims.to_string().as_bytes()),
+        encode(random_token("sig").as_bytes())
+    )
+}
+
+fn basic_credentials(headers: &http::HeaderMap) -> Option<(String, String)> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let encoded = value.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (id, secret) = text.split_once(':')?;
+    Some((id.to_owned(), secret.to_owned()))
+}
+
+async fn play(fault: Fault) -> Response<ProxyBody> {
+    match fault {
+        Fault::Status(status) => json(status, &serde_json::json!({})),
+        Fault::TooManyRequests { retry_after_secs } => {
+            let mut response = json(429, &serde_json::json!({"error": "rate_limited"}));
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, retry_after_secs.into());
+            response
+        }
+        Fault::InvalidGrant => json(400, &serde_json::json!({"error": "invalid_grant"})),
+        Fault::Hang => std::future::pending().await,
+        Fault::Garbage => {
+            let mut response = Response::new(ProxyBody::full(
+                "<html><body>Service temporarily unavailable</body></html>",
+            ));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/html"),
+            );
+            response
+        }
+        Fault::NoAccessToken => json(
+            200,
+            &serde_json::json!({"token_type": "Bearer", "expires_in": 3600}),
+        ),
+        Fault::HugeBody => json(
+            200,
+            &serde_json::json!({"access_token": "x".repeat(4 * 1024 * 1024)}),
+        ),
+    }
+}
