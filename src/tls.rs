@@ -28,8 +28,8 @@ pub fn certificates_from_pem(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>,
         .map_err(|e| TlsError::Pem(e.to_string()))
 }
 
-/// A client configuration trusting the public web roots and `extra_roots_pem`,
-/// offering HTTP/2 and HTTP/1.1 by ALPN.
+/// A client configuration trusting the public web roots and `extra_roots_pem`.
+/// ALPN is left to the connector, which offers the HTTP versions it enables.
 pub fn client_config(extra_roots_pem: Option<&[u8]>) -> Result<rustls::ClientConfig, TlsError> {
     let mut roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
@@ -39,12 +39,10 @@ pub fn client_config(extra_roots_pem: Option<&[u8]>) -> Result<rustls::ClientCon
             roots.add(certificate)?;
         }
     }
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(config)
+        .with_no_client_auth())
 }
 
 /// A server configuration from a PEM certificate chain and key, offering

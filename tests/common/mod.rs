@@ -1,0 +1,179 @@
+//! Shared test harness: a stand-in GoTo and the real proxy in front of it,
+//! all on 127.0.0.1:0 inside the test process.
+
+#![allow(dead_code)] // each test crate uses a different part of the harness
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use goto_auth_proxy::app::{self, Listeners, StartError};
+use goto_auth_proxy::config::{RunOptions, Settings};
+use goto_auth_proxy::shutdown::{self, ShutdownTrigger};
+use goto_auth_proxy::standin::{StandIn, StandInOptions, CLIENT_SECRET};
+use tokio::task::JoinHandle;
+
+/// Generous bound for anything that should happen "soon" on a loaded machine.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The repository's test certificates.
+pub fn cert_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("certs")
+        .join(name)
+}
+
+/// A proxy running in this process.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    trigger: ShutdownTrigger,
+    task: JoinHandle<Result<(), StartError>>,
+}
+
+impl Proxy {
+    /// `http://127.0.0.1:port` of the proxy listener.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// `http://127.0.0.1:port` of the admin listener.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin_addr)
+    }
+
+    /// Asks the proxy to stop and waits for it.
+    pub async fn stop(self) -> Result<(), StartError> {
+        self.trigger.trigger();
+        tokio::time::timeout(PATIENCE, self.task)
+            .await
+            .expect("the proxy stops within the drain timeout")
+            .expect("the proxy task does not panic")
+    }
+
+    /// Polls `/readyz` until it answers 200.
+    pub async fn wait_ready(&self) {
+        let client = reqwest::Client::new();
+        wait_for("the proxy to become ready", || async {
+            client
+                .get(self.admin_url("/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+    }
+
+    /// The value of one metric line (exact series name with labels).
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = reqwest::get(self.admin_url("/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .filter(|line| !line.starts_with('#'))
+            .find_map(|line| {
+                line.strip_prefix(series)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+    }
+}
+
+/// Options for the proxy under test: the stand-in's endpoints and credentials,
+/// with `state_file` in `dir`.
+pub fn options_for(standin: &StandIn, dir: &Path) -> RunOptions {
+    RunOptions {
+        listen: Some("127.0.0.1:0".into()),
+        admin_listen: Some("127.0.0.1:0".into()),
+        upstream: Some(standin.api_url()),
+        token_url: Some(standin.token_url()),
+        client_id: Some(goto_auth_proxy::standin::CLIENT_ID.into()),
+        state_file: Some(dir.join("state.json")),
+        ..RunOptions::default()
+    }
+}
+
+/// Resolves `options` with the client secret, and `refresh_token` as
+/// GOTO_REFRESH_TOKEN when given.
+pub fn settings(options: RunOptions, refresh_token: Option<String>) -> Settings {
+    let env = move |name: &str| match name {
+        "GOTO_CLIENT_SECRET" => Some(CLIENT_SECRET.to_owned()),
+        "GOTO_REFRESH_TOKEN" => refresh_token.clone(),
+        _ => None,
+    };
+    options.resolve(&env).expect("test settings are valid")
+}
+
+/// Starts the proxy with `settings`.
+pub async fn start_proxy(settings: Settings) -> Proxy {
+    let listeners = Listeners::bind(&settings)
+        .await
+        .expect("binding 127.0.0.1:0");
+    let addr = listeners.proxy.local_addr().unwrap();
+    let admin_addr = listeners.admin.local_addr().unwrap();
+    let (trigger, signal) = shutdown::channel();
+    let task = tokio::spawn(app::run(settings, listeners, signal));
+    Proxy {
+        addr,
+        admin_addr,
+        trigger,
+        task,
+    }
+}
+
+/// A stand-in and a ready proxy in front of it, bootstrapped with the
+/// stand-in's refresh token.
+pub struct Setup {
+    pub standin: StandIn,
+    pub proxy: Proxy,
+    pub dir: tempfile::TempDir,
+}
+
+/// Starts a stand-in with `standin_options`, then a proxy whose options
+/// `adjust` may change, and waits until it is ready.
+pub async fn setup(standin_options: StandInOptions, adjust: impl FnOnce(&mut RunOptions)) -> Setup {
+    let standin = StandIn::start(standin_options)
+        .await
+        .expect("stand-in starts");
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = options_for(&standin, dir.path());
+    adjust(&mut options);
+    let proxy = start_proxy(settings(options, Some(standin.refresh_token()))).await;
+    proxy.wait_ready().await;
+    Setup {
+        standin,
+        proxy,
+        dir,
+    }
+}
+
+/// Polls `condition` every 50 ms until it holds, failing after [`PATIENCE`].
+pub async fn wait_for<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A plain HTTP/1.1 client that does not follow redirects or use a proxy.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}

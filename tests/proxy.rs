@@ -1,0 +1,312 @@
+//! The request path: injection, header handling, streaming, HTTP/2, TLS
+//! upstreams, and the proxy's own error answers.
+
+mod common;
+
+use common::{cert_path, client, setup, PATIENCE};
+use goto_auth_proxy::standin::StandInOptions;
+use serde_json::Value;
+
+#[tokio::test]
+async fn injects_the_token_and_rewrites_headers() {
+    let s = setup(StandInOptions::default(), |_| {}).await;
+    let response = client()
+        .get(
+            s.proxy
+                .url("/G2M/rest/meetings?from=2026-01-01&to=2026-02-01"),
+        )
+        .header("authorization", "Bearer the-clients-own-token")
+        .header("proxy-authorization", "Basic dXNlcjpwYXNz")
+        .header("connection", "x-hop")
+        .header("x-hop", "must not cross")
+        .header("x-end-to-end", "kept")
+        .header("host", "proxy.internal")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let echo: Value = response.json().await.unwrap();
+    assert_eq!(echo["path"], "/G2M/rest/meetings");
+    assert_eq!(echo["query"], "from=2026-01-01&to=2026-02-01");
+
+    let recorded = s.standin.recorded_requests();
+    let seen = &recorded.last().unwrap().headers;
+    let issued = s.standin.issued_access_tokens();
+    let authorizations: Vec<_> = seen.get_all("authorization").iter().collect();
+    assert_eq!(authorizations.len(), 1);
+    assert_eq!(
+        authorizations[0].to_str().unwrap(),
+        format!("Bearer {}", issued.last().unwrap())
+    );
+    assert!(seen.get("proxy-authorization").is_none());
+    assert!(seen.get("x-hop").is_none());
+    assert_eq!(seen["x-end-to-end"], "kept");
+    let api_authority = s.standin.api_url().trim_start_matches("http://").to_owned();
+    assert_eq!(seen["host"].to_str().unwrap(), api_authority);
+}
+
+#[tokio::test]
+async fn a_client_authorization_never_reaches_the_upstream() {
+    let s = setup(StandInOptions::default(), |_| {}).await;
+    for header in ["Bearer client-secret-token", "Basic Y2xpZW50OnNlY3JldA=="] {
+        let status = client()
+            .post(s.proxy.url("/echo"))
+            .header("authorization", header)
+            .body("{}")
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 200);
+    }
+    let issued = s.standin.issued_access_tokens();
+    for request in s.standin.recorded_requests() {
+        for value in request.headers.values() {
+            let text = String::from_utf8_lossy(value.as_bytes());
+            assert!(
+                !text.contains("client-secret-token") && !text.contains("Y2xpZW50"),
+                "{text}"
+            );
+        }
+        let authorization = request.headers["authorization"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(issued
+            .iter()
+            .any(|t| authorization == format!("Bearer {t}")));
+    }
+}
+
+#[tokio::test]
+async fn the_upstream_path_prefix_is_joined() {
+    let s = setup(StandInOptions::default(), |_| {}).await;
+    let standin = &s.standin;
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = common::options_for(standin, dir.path());
+    options.upstream = Some(format!("{}/admin/rest/v1/", standin.api_url()));
+    let proxy = common::start_proxy(common::settings(options, Some(standin.refresh_token()))).await;
+    proxy.wait_ready().await;
+    let echo: Value = client()
+        .get(proxy.url("/accounts/1/users?x=%20y"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(echo["path"], "/admin/rest/v1/accounts/1/users");
+    assert_eq!(echo["query"], "x=%20y");
+}
+
+#[tokio::test]
+async fn http2_clients_are_served_without_tls() {
+    let s = setup(StandInOptions::default(), |_| {}).await;
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = h2
+        .get(s.proxy.url("/G2W/rest/v2/webinars"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    let echo: Value = response.json().await.unwrap();
+    assert_eq!(echo["path"], "/G2W/rest/v2/webinars");
+    assert!(echo["token_number"].as_u64().unwrap() >= 1);
+}
+
+#[tokio::test]
+async fn multi_megabyte_bodies_stream_both_ways() {
+    let s = setup(StandInOptions::default(), |_| {}).await;
+    let upload: Vec<u8> = (0..9 * 1024 * 1024)
+        .map(|i: usize| (i * 7 % 256) as u8)
+        .collect();
+    let response = client()
+        .post(s.proxy.url("/upload"))
+        .body(upload.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let echoed = response.bytes().await.unwrap();
+    assert!(
+        echoed == upload,
+        "the upload came back altered ({} bytes)",
+        echoed.len()
+    );
+
+    let size = 7 * 1024 * 1024 + 3;
+    let download = client()
+        .get(s.proxy.url(&format!("/bytes/{size}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(download.status(), 200);
+    let bytes = download.bytes().await.unwrap();
+    assert_eq!(bytes.len(), size);
+    assert!(bytes.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+}
+
+#[tokio::test]
+async fn tls_upstream_with_a_private_ca() {
+    let chain = std::fs::read(cert_path("localhost.pem")).unwrap();
+    let key = std::fs::read(cert_path("localhost.key")).unwrap();
+    let options = StandInOptions {
+        api_tls: Some((chain, key)),
+        ..StandInOptions::default()
+    };
+    let s = setup(options.clone(), |o| {
+        o.upstream_ca_file = Some(cert_path("test-ca.pem"))
+    })
+    .await;
+    let response = client()
+        .get(s.proxy.url("/G2M/rest/organizers"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let echo: Value = response.json().await.unwrap();
+    // The stand-in offers h2 by ALPN, and the proxy takes it.
+    assert_eq!(echo["version"], "HTTP/2.0");
+
+    // Without the CA file the certificate is not trusted: 502, and no request arrives.
+    let before = s.standin.recorded_requests().len();
+    let dir = tempfile::tempdir().unwrap();
+    let options = common::options_for(&s.standin, dir.path());
+    let untrusting =
+        common::start_proxy(common::settings(options, Some(s.standin.refresh_token()))).await;
+    untrusting.wait_ready().await;
+    let response = client()
+        .get(untrusting.url("/G2M/rest/organizers"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"], "upstream_unreachable");
+    assert!(
+        error["message"].as_str().unwrap().contains("certificate"),
+        "{error}"
+    );
+    assert_eq!(s.standin.recorded_requests().len(), before);
+}
+
+#[tokio::test]
+async fn upstream_refusing_connections_is_502() {
+    let s = setup(StandInOptions::default(), |_| {}).await;
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = common::options_for(&s.standin, dir.path());
+    options.upstream = Some(format!("http://127.0.0.1:{closed_port}"));
+    let proxy =
+        common::start_proxy(common::settings(options, Some(s.standin.refresh_token()))).await;
+    proxy.wait_ready().await;
+    let response = client().get(proxy.url("/x")).send().await.unwrap();
+    assert_eq!(response.status(), 502);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"], "upstream_unreachable");
+    assert!(error["message"].as_str().unwrap().len() > 10);
+}
+
+#[tokio::test]
+async fn upstream_that_never_answers_is_504() {
+    let s = setup(StandInOptions::default(), |_| {}).await;
+    // Accepts connections and reads, but never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = common::options_for(&s.standin, dir.path());
+    options.upstream = Some(format!("http://{silent_addr}"));
+    options.upstream_timeout = Some("1s".into());
+    let proxy =
+        common::start_proxy(common::settings(options, Some(s.standin.refresh_token()))).await;
+    proxy.wait_ready().await;
+    let response = tokio::time::timeout(PATIENCE, client().get(proxy.url("/x")).send())
+        .await
+        .expect("the proxy answers")
+        .unwrap();
+    assert_eq!(response.status(), 504);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"], "upstream_timeout");
+    hold.abort();
+}
+
+#[tokio::test]
+async fn oversized_request_headers_get_431() {
+    let s = setup(StandInOptions::default(), |o| {
+        o.max_header_bytes = Some("16KiB".into())
+    })
+    .await;
+    let response = client()
+        .get(s.proxy.url("/x"))
+        .header("x-big", "a".repeat(40 * 1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 431);
+    // The proxy keeps serving.
+    assert_eq!(
+        client()
+            .get(s.proxy.url("/x"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn a_forbidden_that_is_not_about_the_token_passes_through_untouched() {
+    let s = setup(StandInOptions::default(), |_| {}).await;
+    let before = s.standin.token_requests();
+    let response = client()
+        .get(s.proxy.url("/forbidden"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["int_err_code"], "Forbidden");
+    assert_eq!(
+        s.standin.token_requests(),
+        before,
+        "a plain 403 must not cause a refresh"
+    );
+    assert_eq!(
+        s.proxy.metric("goto_proxy_auth_retries_total").await,
+        Some(0.0)
+    );
+}
+
+#[tokio::test]
+async fn slow_header_senders_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup(StandInOptions::default(), |o| {
+        o.header_read_timeout = Some("1s".into())
+    })
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // Never finish the head: the proxy must close the connection by itself.
+    let mut buffer = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut buffer)).await;
+    assert!(read.is_ok(), "the connection stayed open");
+}
