@@ -17,6 +17,9 @@ pub(super) async fn handle(shared: &Shared, request: Request<Incoming>) -> Respo
     let path = request.uri().path().to_owned();
     let Some(token_number) = valid_token_number(shared, request.headers()) else {
         shared.counters.api_refusals.fetch_add(1, Ordering::SeqCst);
+        // Read the body before refusing, as GoTo's API does: answering early
+        // and closing would reset a client still sending.
+        let _ = request.into_body().collect().await;
         // GoToWebinar answers a bad token with 403 and its own error code.
         return if path.starts_with("/G2W/") {
             json(
@@ -85,6 +88,9 @@ fn valid_token_number(shared: &Shared, headers: &http::HeaderMap) -> Option<u64>
     }
     let token = value.to_str().ok()?.strip_prefix("Bearer ")?;
     let state = lock(shared);
+    if state.refuse_all {
+        return None;
+    }
     let issued = state.issued.get(token)?;
     (!issued.revoked && issued.expires_at > Instant::now()).then_some(issued.number)
 }

@@ -94,6 +94,7 @@ struct State {
     standing_fault: Option<Fault>,
     issued: HashMap<String, IssuedToken>,
     refreshes: u64,
+    refuse_all: bool,
     recorded: VecDeque<RecordedRequest>,
 }
 
@@ -168,6 +169,7 @@ impl StandIn {
                 standing_fault: None,
                 issued: HashMap::new(),
                 refreshes: 0,
+                refuse_all: false,
                 recorded: VecDeque::new(),
             }),
             counters: Counters::default(),
@@ -260,6 +262,11 @@ impl StandIn {
         for token in self.state().issued.values_mut() {
             token.revoked = true;
         }
+    }
+
+    /// Makes the API refuse every token, even fresh ones, until set back.
+    pub fn set_refuse_all(&self, refuse: bool) {
+        self.state().refuse_all = refuse;
     }
 
     /// Makes the current refresh token invalid (refreshes then get `invalid_grant`).
