@@ -173,7 +173,7 @@ async fn fifty_concurrent_requests_on_a_revoked_token_cause_exactly_one_refresh(
         .metric("goto_proxy_auth_retries_total")
         .await
         .unwrap();
-    assert!(retries >= 1.0 && retries <= 50.0, "{retries}");
+    assert!((1.0..=50.0).contains(&retries), "{retries}");
 }
 
 #[tokio::test]

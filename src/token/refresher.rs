@@ -206,12 +206,15 @@ impl Refresher {
                     let delay = backoff
                         .next(BACKOFF_BASE)
                         .max(error.retry_after().unwrap_or_default());
-                    tracing::warn!(
-                        error = %error,
-                        retry_in = %humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)),
-                        token_still_valid = self.source.is_ready(),
-                        "token request failed; keeping the current token while it is valid and retrying"
-                    );
+                    let retry_in =
+                        humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
+                    if self.source.is_ready() {
+                        tracing::warn!(error = %error, %retry_in,
+                            "token request failed; the current token is still valid and stays in use");
+                    } else {
+                        tracing::warn!(error = %error, %retry_in,
+                            "token request failed and no valid token is held; requests wait for the retry");
+                    }
                     phase = Phase::BackingOff;
                     self.publish_state(TokenState::Retrying);
                     next_refresh = Instant::now() + delay;

@@ -1,0 +1,357 @@
+//! The binary as users run it: settings precedence, `run --check`, exit
+//! codes, signals, and what reaches the log at trace level.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{client, wait_for, PATIENCE};
+use goto_auth_proxy::standin::{StandIn, StandInOptions, CLIENT_ID, CLIENT_SECRET};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_goto-auth-proxy");
+
+/// A command with a clean environment, so the test host's own GOTO_* settings
+/// cannot leak in.
+fn proxy_command() -> Command {
+    let mut command = Command::new(BINARY);
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    command
+}
+
+/// The binary running `run`, with its log collected line by line.
+struct Running {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Running {
+    fn spawn(mut command: Command) -> Self {
+        let mut child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Self { child, log }
+    }
+
+    fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// The value after `key=` in the first log line that has it.
+    async fn logged_value(&self, key: &str) -> String {
+        let needle = format!("{key}=");
+        let mut found = None;
+        wait_for(&format!("{key} in the log"), || {
+            found = self.log.lock().unwrap().iter().find_map(|line| {
+                let start = line.find(&needle)? + needle.len();
+                Some(
+                    line[start..]
+                        .split_whitespace()
+                        .next()?
+                        .trim_matches('"')
+                        .to_owned(),
+                )
+            });
+            std::future::ready(found.is_some())
+        })
+        .await;
+        found.unwrap()
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the proxy did not exit:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `run` against `standin` on ports the OS picks, secrets from the environment.
+fn run_command(standin: &StandIn, dir: &std::path::Path, refresh_token: &str) -> Command {
+    let mut command = proxy_command();
+    command
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .env("GOTO_UPSTREAM", standin.api_url())
+        .env("GOTO_TOKEN_URL", standin.token_url())
+        .env("GOTO_CLIENT_ID", CLIENT_ID)
+        .env("GOTO_CLIENT_SECRET", CLIENT_SECRET)
+        .env("GOTO_REFRESH_TOKEN", refresh_token)
+        .env("GOTO_STATE_FILE", dir.join("state.json"));
+    command
+}
+
+#[test]
+fn flags_win_over_env_which_wins_over_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("client-secret");
+    std::fs::write(&secret, "file-secret-value\n").unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:1111\"\ntoken_wait = \"7s\"\nrefresh_margin = \"100s\"\n\
+             client_id = \"from-file\"\nclient_secret_file = \"{}\"\nstate_file = \"{}\"\n",
+            secret.display(),
+            dir.path().join("state.json").display()
+        ),
+    )
+    .unwrap();
+    let output = proxy_command()
+        .args(["run", "--check", "--config"])
+        .arg(&config)
+        .args(["--listen", "127.0.0.1:3333"])
+        .env("GOTO_PROXY_LISTEN", "127.0.0.1:2222")
+        .env("GOTO_TOKEN_WAIT", "8s")
+        .env("GOTO_REFRESH_TOKEN", "env-refresh-token-value")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("listen = 127.0.0.1:3333\n"),
+        "flag over env and file:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("token_wait = 8s\n"),
+        "env over file:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("refresh_margin = 1m 40s\n"),
+        "file over default:\n{stdout}"
+    );
+    assert!(stdout.contains("client_id = from-file\n"), "{stdout}");
+    assert!(
+        stdout.contains("admin_listen = 127.0.0.1:9090\n"),
+        "default:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("GOTO_REFRESH_TOKEN"),
+        "the check names where the token comes from:\n{stdout}"
+    );
+    assert!(
+        !stdout.contains("file-secret-value") && !stdout.contains("env-refresh-token-value"),
+        "{stdout}"
+    );
+
+    // The config file alone, through GOTO_PROXY_CONFIG.
+    let output = proxy_command()
+        .args(["run", "--check"])
+        .env("GOTO_PROXY_CONFIG", &config)
+        .env("GOTO_REFRESH_TOKEN", "x")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&output.stdout).contains("listen = 127.0.0.1:1111\n"));
+}
+
+#[test]
+fn bad_settings_exit_64_naming_the_setting() {
+    let output = proxy_command()
+        .args(["run", "--check", "--listen", "nonsense", "--client-id", "x"])
+        .env("GOTO_CLIENT_SECRET", "s")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--listen"), "{stderr}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let output = proxy_command()
+        .args(["run", "--check", "--client-id", "x"])
+        .env("GOTO_CLIENT_SECRET", "s")
+        .env("GOTO_STATE_FILE", dir.path().join("none.json"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("goto-auth-proxy login"),
+        "says what to do next: {stderr}"
+    );
+}
+
+#[tokio::test]
+async fn trace_logs_hold_no_secret() {
+    // TLS and HTTP/2 upstream, so rustls and h2 log too.
+    let mut options = StandInOptions {
+        api_tls: Some((
+            std::fs::read(common::cert_path("localhost.pem")).unwrap(),
+            std::fs::read(common::cert_path("localhost.key")).unwrap(),
+        )),
+        ..StandInOptions::default()
+    };
+    options.shape.rotate_every = 1;
+    let standin = StandIn::start(options).await.unwrap();
+    let bootstrap = standin.refresh_token();
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = run_command(&standin, dir.path(), &bootstrap);
+    command
+        .env("RUST_LOG", "trace")
+        .env("GOTO_UPSTREAM_CA_FILE", common::cert_path("test-ca.pem"));
+    let running = Running::spawn(command);
+    let listen = running.logged_value("listen").await;
+    let mut refresh_tokens = vec![bootstrap];
+    wait_for("the first token", || async {
+        !standin.issued_access_tokens().is_empty()
+    })
+    .await;
+    refresh_tokens.push(standin.refresh_token());
+
+    let url = format!("http://{listen}/G2M/rest/meetings");
+    assert_eq!(
+        client()
+            .get(&url)
+            .bearer_auth("client-own-token-xyz")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    standin.revoke_access_tokens();
+    let h2c = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    assert_eq!(
+        h2c.get(&url)
+            .bearer_auth("client-own-token-xyz")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    refresh_tokens.push(standin.refresh_token());
+    running.signal("TERM");
+    let mut running = running;
+    assert!(running.wait_exit().await.success());
+
+    let log = running.log_text();
+    assert!(log.contains(" TRACE "), "trace logging was not on:\n{log}");
+    assert!(
+        log.contains("h2::"),
+        "the HTTP/2 layers did not log:\n{log}"
+    );
+    let basic = base64_basic(CLIENT_ID, CLIENT_SECRET);
+    let mut secrets: Vec<String> = vec![
+        CLIENT_SECRET.to_owned(),
+        basic,
+        "client-own-token-xyz".to_owned(),
+    ];
+    secrets.extend(refresh_tokens);
+    secrets.extend(standin.issued_access_tokens());
+    for secret in &secrets {
+        // Tokens are long; any 24-character piece of one in the log is a leak.
+        let piece = &secret[..secret.len().min(24)];
+        assert!(!log.contains(piece), "a secret reached the log: {piece}");
+    }
+}
+
+fn base64_basic(id: &str, secret: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_request_in_flight_finish_and_exits_0() {
+    let standin = StandIn::start(StandInOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let running = Running::spawn(run_command(&standin, dir.path(), &standin.refresh_token()));
+    let listen = running.logged_value("listen").await;
+    let admin = running.logged_value("admin").await;
+    wait_for("readiness", || async {
+        client()
+            .get(format!("http://{admin}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let in_flight = tokio::spawn(client().get(format!("http://{listen}/sleep/2000")).send());
+    wait_for("the request to reach the API", || async {
+        !standin.recorded_requests().is_empty()
+    })
+    .await;
+    running.signal("TERM");
+    let response = in_flight.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200, "the request in flight was cut off");
+    let mut running = running;
+    assert_eq!(running.wait_exit().await.code(), Some(0));
+    // Nothing listens any more.
+    assert!(tokio::net::TcpStream::connect(&listen).await.is_err());
+    assert!(running.log_text().contains("shutting down"));
+}
+
+#[tokio::test]
+async fn the_drain_is_bounded_by_the_drain_timeout() {
+    let standin = StandIn::start(StandInOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = run_command(&standin, dir.path(), &standin.refresh_token());
+    command.args(["--drain-timeout", "1s"]);
+    let running = Running::spawn(command);
+    let listen = running.logged_value("listen").await;
+    // This request would take ten minutes; the drain gives it one second.
+    let stuck = tokio::spawn(client().get(format!("http://{listen}/sleep/600000")).send());
+    wait_for("the request to reach the API", || async {
+        !standin.recorded_requests().is_empty()
+    })
+    .await;
+    running.signal("INT");
+    let mut running = running;
+    assert_eq!(running.wait_exit().await.code(), Some(0));
+    assert!(
+        running.log_text().contains("drain timeout reached"),
+        "{}",
+        running.log_text()
+    );
+    stuck.abort();
+}
