@@ -509,6 +509,14 @@ fn is_loopback_host(host: &str) -> bool {
         || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+impl UpstreamUrl {
+    /// Parses and checks an upstream URL: https (http only to loopback), and a
+    /// GoTo API host unless `allow_custom`.
+    pub fn parse(value: &str, allow_custom: bool) -> Result<Self, ConfigError> {
+        parse_upstream(value, allow_custom)
+    }
+}
+
 fn parse_upstream(value: &str, allow_custom: bool) -> Result<UpstreamUrl, ConfigError> {
     const SETTING: &str = "--upstream";
     let uri: http::Uri = value.trim().parse().map_err(|_| {

@@ -153,7 +153,7 @@ impl ProxyService {
 
 /// Builds the upstream request: same method and headers (rewritten), the
 /// upstream URI, and the proxy's token.
-fn upstream_request(
+pub fn upstream_request(
     parts: &Parts,
     uri: Uri,
     bearer: &Bearer,

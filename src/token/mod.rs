@@ -241,8 +241,9 @@ impl TokenSource {
         }
     }
 
-    /// Publishes a new view and wakes every waiter. Only the refresher calls this.
-    pub(crate) fn publish(&self, snapshot: Snapshot) {
+    /// Publishes a new view and wakes every waiter. In the proxy the
+    /// refresher is the only publisher; there must never be two per source.
+    pub fn publish(&self, snapshot: Snapshot) {
         self.current.store(Arc::new(snapshot));
         self.published.notify_waiters();
     }
