@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{ConfigError, RunOptions};
+use crate::config::{
+    default_state_file, ConfigError, RunOptions, DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN,
+};
 
 /// A credential-injecting reverse proxy for GoTo's APIs.
 #[derive(Parser, Debug)]
@@ -20,6 +22,57 @@ pub struct Cli {
 pub enum Command {
     /// Run the proxy
     Run(RunArgs),
+    /// Run the proxy in front of an in-process stand-in for GoTo: no credentials, no network
+    Demo(DemoArgs),
+    /// Show the state file: principal, access-token expiry, refresh-token age (never a token)
+    Status(StatusArgs),
+}
+
+/// Arguments of `status`.
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    /// The TOML file `run` uses; its state_file is read
+    #[arg(long, env = "GOTO_PROXY_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// The state file (overrides the config file's)
+    #[arg(long, env = "GOTO_STATE_FILE", value_name = "PATH")]
+    pub state_file: Option<PathBuf>,
+}
+
+impl StatusArgs {
+    /// The state file `run` would use with the same flags, env and config file.
+    pub fn state_file(
+        &self,
+        lookup_env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<PathBuf, ConfigError> {
+        if let Some(path) = &self.state_file {
+            return Ok(path.clone());
+        }
+        let file = match &self.config {
+            Some(path) => RunOptions::from_toml_file(path)?,
+            None => RunOptions::default(),
+        };
+        Ok(file
+            .state_file
+            .unwrap_or_else(|| default_state_file(lookup_env)))
+    }
+}
+
+/// Arguments of `demo`.
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    /// Address for API clients
+    #[arg(long, default_value = DEFAULT_LISTEN, value_name = "ADDR")]
+    pub listen: String,
+    /// Address for /healthz, /readyz and /metrics
+    #[arg(long, default_value = DEFAULT_ADMIN_LISTEN, value_name = "ADDR")]
+    pub admin_listen: String,
+    /// Lifetime of the stand-in's access tokens
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub token_lifetime: std::time::Duration,
+    /// Rotate the refresh token every this many refreshes
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub rotate_every: u64,
 }
 
 /// Arguments of `run`.

@@ -4,8 +4,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use goto_auth_proxy::app::{self, Listeners};
-use goto_auth_proxy::cli::{Cli, Command, RunArgs};
-use goto_auth_proxy::config::Settings;
+use std::time::SystemTime;
+
+use goto_auth_proxy::cli::{Cli, Command, DemoArgs, RunArgs, StatusArgs};
+use goto_auth_proxy::config::{LogFormat, Settings};
+use goto_auth_proxy::demo::DemoOptions;
+use goto_auth_proxy::status::Verdict;
 use goto_auth_proxy::store::FileStore;
 use goto_auth_proxy::{shutdown, telemetry};
 
@@ -16,7 +20,56 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Demo(args) => demo(args),
+        Command::Status(args) => status(args),
     }
+}
+
+fn status(args: StatusArgs) -> ExitCode {
+    let path = match args.state_file(&|name| std::env::var(name).ok()) {
+        Ok(path) => path,
+        Err(error) => {
+            eprintln!("goto-auth-proxy: configuration error: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let state = match FileStore::new(&path).load_blocking() {
+        Ok(state) => state,
+        Err(error) => {
+            eprintln!("goto-auth-proxy: {error}");
+            return ExitCode::from(Verdict::Missing.exit_code());
+        }
+    };
+    let (text, verdict) = goto_auth_proxy::status::report(&path, state.as_ref(), SystemTime::now());
+    print!("{text}");
+    ExitCode::from(verdict.exit_code())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime")
+}
+
+fn demo(args: DemoArgs) -> ExitCode {
+    telemetry::init(LogFormat::Text);
+    let options = DemoOptions {
+        listen: args.listen,
+        admin_listen: args.admin_listen,
+        token_lifetime: args.token_lifetime,
+        rotate_every: args.rotate_every,
+    };
+    runtime().block_on(async move {
+        let signal = shutdown::from_future(shutdown::os_signal());
+        match goto_auth_proxy::demo::run(options, signal).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                tracing::error!(error = %error, "the demo cannot run");
+                ExitCode::FAILURE
+            }
+        }
+    })
 }
 
 fn run(args: RunArgs) -> ExitCode {
@@ -31,11 +84,7 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     telemetry::init(settings.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("building the tokio runtime");
-    runtime.block_on(async move {
+    runtime().block_on(async move {
         if args.check {
             return check(&settings).await;
         }

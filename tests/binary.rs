@@ -30,20 +30,24 @@ struct Running {
 }
 
 impl Running {
+    /// Starts `command`, collecting stdout and stderr lines into one log.
     fn spawn(mut command: Command) -> Self {
         let mut child = command
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
+        let stdout: Box<dyn std::io::Read + Send> = Box::new(child.stdout.take().unwrap());
+        let stderr: Box<dyn std::io::Read + Send> = Box::new(child.stderr.take().unwrap());
+        for stream in [stdout, stderr] {
+            let sink = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    sink.lock().unwrap().push(line);
+                }
+            });
+        }
         Self { child, log }
     }
 
@@ -354,4 +358,107 @@ async fn the_drain_is_bounded_by_the_drain_timeout() {
         running.log_text()
     );
     stuck.abort();
+}
+
+#[tokio::test]
+async fn the_demo_answers_through_the_proxy_and_stops_on_ctrl_c() {
+    let started = std::time::Instant::now();
+    let mut command = proxy_command();
+    command.args([
+        "demo",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ]);
+    let running = Running::spawn(command);
+    let mut curl_url = None;
+    wait_for("the curl line", || {
+        curl_url = running.log.lock().unwrap().iter().find_map(|line| {
+            let url = line.trim().strip_prefix("curl -s ")?;
+            url.contains("/G2M/").then(|| url.to_owned())
+        });
+        std::future::ready(curl_url.is_some())
+    })
+    .await;
+    let response = client().get(curl_url.unwrap()).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let echo: serde_json::Value = response.json().await.unwrap();
+    eprintln!(
+        "demo: first proxied answer {:?} after start",
+        started.elapsed()
+    );
+    assert_eq!(echo["headers"]["authorization"], "Bearer [access token #1]");
+    running.signal("INT");
+    let mut running = running;
+    assert_eq!(running.wait_exit().await.code(), Some(0));
+    let log = running.log_text();
+    assert!(log.contains("access token obtained"), "{log}");
+}
+
+fn write_state(path: &std::path::Path, refresh_token: &str, days_old: u64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    goto_auth_proxy::store::FileStore::new(path)
+        .save_blocking(&goto_auth_proxy::store::PersistedState {
+            refresh_token: Some(refresh_token.into()),
+            refresh_token_first_seen: Some(now - days_old * 86_400),
+            principal: Some("ann@example.com".into()),
+            access_token_expires_at: Some(now + 1200),
+            updated_at: now,
+        })
+        .unwrap();
+}
+
+#[test]
+fn status_reports_the_state_without_secrets_and_exits_by_verdict() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.json");
+    let status = |args: &[&str]| {
+        let output = proxy_command().arg("status").args(args).output().unwrap();
+        (
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            output.status.code(),
+        )
+    };
+    let (text, code) = status(&["--state-file", path.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("login"), "{text}");
+
+    write_state(&path, "rt-must-not-show", 2);
+    let (text, code) = status(&["--state-file", path.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("ann@example.com") && text.contains("expires"),
+        "{text}"
+    );
+    assert!(!text.contains("rt-must-not-show"), "{text}");
+
+    // The same file found through a config file, as `run` would.
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(&config, format!("state_file = \"{}\"\n", path.display())).unwrap();
+    let (text, code) = status(&["--config", config.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{text}");
+
+    write_state(&path, "rt-must-not-show", 26);
+    let (text, code) = status(&["--state-file", path.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(
+        text.contains("WARNING") && !text.contains("rt-must-not-show"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn an_old_refresh_token_is_warned_about_in_the_log() {
+    let standin = StandIn::start(StandInOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_state(&dir.path().join("state.json"), &standin.refresh_token(), 26);
+    let running = Running::spawn(run_command(&standin, dir.path(), "rt-bootstrap-unused"));
+    wait_for("the age warning", || {
+        std::future::ready(running.log_text().contains("has not rotated for 26 days"))
+    })
+    .await;
 }

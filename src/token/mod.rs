@@ -22,6 +22,11 @@ use tokio::time::Instant;
 
 use grant::GrantError;
 
+/// GoTo's refresh tokens live about 30 days unless they rotate.
+pub const REFRESH_TOKEN_LIFETIME: Duration = Duration::from_secs(30 * 86_400);
+/// A refresh token that has not rotated for this long is reported: it may soon stop working.
+pub const REFRESH_TOKEN_WARN_AGE: Duration = Duration::from_secs(25 * 86_400);
+
 /// A ready-made `Authorization` header value and when it stops being valid.
 #[derive(Clone)]
 pub struct AccessToken {

@@ -13,7 +13,9 @@ use tokio::time::{sleep_until, Instant};
 
 use super::endpoint::{unix_now, EndpointError, Grant, TokenEndpoint};
 use super::grant::TokenGrant;
-use super::{AccessToken, Snapshot, TokenSource, TokenState};
+use super::{
+    AccessToken, Snapshot, TokenSource, TokenState, REFRESH_TOKEN_LIFETIME, REFRESH_TOKEN_WARN_AGE,
+};
 use crate::metrics::Metrics;
 use crate::shutdown::ShutdownSignal;
 use crate::store::{PersistedState, StateStore};
@@ -277,6 +279,7 @@ impl Refresher {
             *fallback = None;
         }
         self.save(&token).await;
+        self.warn_if_refresh_token_is_old();
         let first = self.source.snapshot().generation == 0;
         self.log_new_token(&token, first, rotated);
         let previous = self.source.snapshot();
@@ -303,6 +306,24 @@ impl Refresher {
         *current = offered;
         *since = unix_now();
         true
+    }
+
+    /// GoTo's refresh tokens die after about 30 days unless rotated: say so
+    /// while there is still time to run `login`.
+    fn warn_if_refresh_token_is_old(&self) {
+        let Some(since) = self.credential.refresh_token_since() else {
+            return;
+        };
+        let age = Duration::from_secs(unix_now().saturating_sub(since));
+        if age >= REFRESH_TOKEN_WARN_AGE {
+            tracing::warn!(
+                age_days = age.as_secs() / 86_400,
+                "the refresh token has not rotated for {} days and may stop working by day {}; \
+                 run `goto-auth-proxy login` to get a new one",
+                age.as_secs() / 86_400,
+                REFRESH_TOKEN_LIFETIME.as_secs() / 86_400,
+            );
+        }
     }
 
     fn log_new_token(&self, token: &AccessToken, first: bool, rotated: bool) {

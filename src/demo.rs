@@ -1,0 +1,100 @@
+//! `goto-auth-proxy demo`: the proxy, wired exactly as `run` wires it, in
+//! front of an in-process stand-in for GoTo. Needs no credentials and no network.
+
+use std::io::Write;
+use std::time::Duration;
+
+use crate::app::{self, Listeners, StartError};
+use crate::config::{ConfigError, RunOptions};
+use crate::shutdown::ShutdownSignal;
+use crate::standin::{GrantShape, StandIn, StandInOptions, CLIENT_ID, CLIENT_SECRET};
+
+/// How the demo's stand-in and proxy are set up.
+#[derive(Clone, Debug)]
+pub struct DemoOptions {
+    /// Where the proxy listens.
+    pub listen: String,
+    /// Where the admin endpoints listen.
+    pub admin_listen: String,
+    /// Lifetime of the stand-in's access tokens: short, so refreshes show.
+    pub token_lifetime: Duration,
+    /// Rotate the refresh token every this many refreshes.
+    pub rotate_every: u64,
+}
+
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error("cannot start the stand-in: {0}")]
+    StandIn(std::io::Error),
+    #[error("cannot make a directory for the demo's state file: {0}")]
+    StateDir(std::io::Error),
+}
+
+/// Runs the demo until `shutdown` fires. Prints where to send requests on stdout.
+pub async fn run(options: DemoOptions, shutdown: ShutdownSignal) -> Result<(), DemoError> {
+    let standin = StandIn::start(StandInOptions {
+        shape: GrantShape {
+            lifetime: options.token_lifetime,
+            rotate_every: options.rotate_every,
+            ..GrantShape::default()
+        },
+        ..StandInOptions::default()
+    })
+    .await
+    .map_err(DemoError::StandIn)?;
+    let state_dir =
+        std::env::temp_dir().join(format!("goto-auth-proxy-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&state_dir).map_err(DemoError::StateDir)?;
+    let run_options = RunOptions {
+        listen: Some(options.listen),
+        admin_listen: Some(options.admin_listen),
+        upstream: Some(standin.api_url()),
+        token_url: Some(standin.token_url()),
+        client_id: Some(CLIENT_ID.to_owned()),
+        state_file: Some(state_dir.join("state.json")),
+        ..RunOptions::default()
+    };
+    let bootstrap = standin.refresh_token();
+    // The same settings path as `run`, with the stand-in's credentials as the environment.
+    let settings = run_options.resolve(&|name| match name {
+        "GOTO_CLIENT_SECRET" => Some(CLIENT_SECRET.to_owned()),
+        "GOTO_REFRESH_TOKEN" => Some(bootstrap.clone()),
+        _ => None,
+    })?;
+    let listeners = Listeners::bind(&settings).await?;
+    print_banner(&listeners, options.token_lifetime, options.rotate_every);
+    let result = app::run(settings, listeners, shutdown).await;
+    let _ = std::fs::remove_dir_all(&state_dir);
+    Ok(result?)
+}
+
+fn print_banner(listeners: &Listeners, lifetime: Duration, rotate_every: u64) {
+    let proxy = listeners
+        .proxy
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let admin = listeners
+        .admin
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let lifetime = humantime::format_duration(lifetime);
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "\ngoto-auth-proxy demo: a stand-in for GoTo (token endpoint and echo API) runs in this\n\
+         process, with the proxy in front of it. Access tokens live {lifetime} here, so the log\n\
+         shows a refresh about every half of that; every {rotate_every} refreshes the refresh\n\
+         token rotates and is saved first. The echo shows the headers the API received.\n\n\
+         Try:\n\n    curl -s http://{proxy}/G2M/rest/meetings\n\n\
+         Readiness and metrics:\n\n    curl -s http://{admin}/readyz\n    curl -s http://{admin}/metrics\n\n\
+         Ctrl-C stops the demo.\n"
+    );
+    let _ = out.flush();
+}
