@@ -21,7 +21,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the proxy
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run the proxy in front of an in-process stand-in for GoTo: no credentials, no network
     Demo(DemoArgs),
     /// Show the state file: principal, access-token expiry, refresh-token age (never a token)

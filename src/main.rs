@@ -19,7 +19,7 @@ const EXIT_CONFIG: u8 = 64;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Demo(args) => demo(args),
         Command::Status(args) => status(args),
     }
