@@ -1,12 +1,13 @@
 //! The command line: subcommands and their arguments.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
 use crate::config::{
     default_state_file, ConfigError, RunOptions, DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN,
 };
+use crate::login::{DEFAULT_AUTHORIZE_URL, DEFAULT_REDIRECT_URI};
 
 /// A credential-injecting reverse proxy for GoTo's APIs.
 #[derive(Parser, Debug)]
@@ -24,6 +25,8 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Run the proxy in front of an in-process stand-in for GoTo: no credentials, no network
     Demo(DemoArgs),
+    /// Get the first refresh token: sign in to GoTo in a browser, write the state file
+    Login(Box<LoginArgs>),
     /// Show the state file: principal, access-token expiry, refresh-token age (never a token)
     Status(StatusArgs),
 }
@@ -92,10 +95,46 @@ pub struct RunArgs {
 impl RunArgs {
     /// The options from flags and env vars layered over the config file's.
     pub fn layered_options(&self) -> Result<RunOptions, ConfigError> {
-        let file = match &self.config {
-            Some(path) => RunOptions::from_toml_file(path)?,
-            None => RunOptions::default(),
-        };
-        Ok(self.options.clone().over(file))
+        layered(self.config.as_deref(), &self.options)
     }
+}
+
+/// Arguments of `login`: the settings `run` takes (client, token URL, state
+/// file), and where the consent page and the redirect are.
+#[derive(clap::Args, Debug)]
+pub struct LoginArgs {
+    /// TOML file with the settings `run` uses (flags and env vars win over it)
+    #[arg(long, env = "GOTO_PROXY_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// GoTo's authorization (consent) page
+    #[arg(long, env = "GOTO_AUTHORIZE_URL", default_value = DEFAULT_AUTHORIZE_URL, value_name = "URL")]
+    pub authorize_url: url::Url,
+    /// The loopback redirect URI registered with the OAuth client
+    #[arg(long, env = "GOTO_REDIRECT_URI", default_value = DEFAULT_REDIRECT_URI, value_name = "URL")]
+    pub redirect_uri: url::Url,
+    /// How long to wait for the browser to come back
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub timeout: std::time::Duration,
+    /// Only print the URL; do not try to open a browser
+    #[arg(long)]
+    pub no_browser: bool,
+    /// The settings.
+    #[command(flatten)]
+    pub options: RunOptions,
+}
+
+impl LoginArgs {
+    /// The options from flags and env vars layered over the config file's.
+    pub fn layered_options(&self) -> Result<RunOptions, ConfigError> {
+        layered(self.config.as_deref(), &self.options)
+    }
+}
+
+/// `options` (flags and env vars) over the TOML file at `config`, if any.
+fn layered(config: Option<&Path>, options: &RunOptions) -> Result<RunOptions, ConfigError> {
+    let file = match config {
+        Some(path) => RunOptions::from_toml_file(path)?,
+        None => RunOptions::default(),
+    };
+    Ok(options.clone().over(file))
 }

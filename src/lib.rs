@@ -12,6 +12,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod login;
 pub mod metrics;
 pub mod proxy;
 pub mod secret;

@@ -6,9 +6,10 @@ use clap::Parser;
 use goto_auth_proxy::app::{self, Listeners};
 use std::time::SystemTime;
 
-use goto_auth_proxy::cli::{Cli, Command, DemoArgs, RunArgs, StatusArgs};
-use goto_auth_proxy::config::{LogFormat, Settings};
+use goto_auth_proxy::cli::{Cli, Command, DemoArgs, LoginArgs, RunArgs, StatusArgs};
+use goto_auth_proxy::config::{ConfigError, LogFormat, RunOptions, Settings};
 use goto_auth_proxy::demo::DemoOptions;
+use goto_auth_proxy::login::LoginOptions;
 use goto_auth_proxy::status::Verdict;
 use goto_auth_proxy::store::FileStore;
 use goto_auth_proxy::{shutdown, telemetry};
@@ -22,7 +23,41 @@ fn main() -> ExitCode {
         Command::Run(args) => run(*args),
         Command::Demo(args) => demo(args),
         Command::Status(args) => status(args),
+        Command::Login(args) => login(*args),
     }
+}
+
+fn login(args: LoginArgs) -> ExitCode {
+    let settings = match resolve(args.layered_options()) {
+        Ok(settings) => settings,
+        Err(code) => return code,
+    };
+    telemetry::init(settings.log_format);
+    let options = LoginOptions {
+        authorize_url: args.authorize_url,
+        redirect_uri: args.redirect_uri,
+        timeout: args.timeout,
+        open_browser: !args.no_browser,
+    };
+    runtime().block_on(async move {
+        match goto_auth_proxy::login::login(&settings, options).await {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("goto-auth-proxy: login failed: {error}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Checks layered options, printing the error and giving the exit code on failure.
+fn resolve(options: Result<RunOptions, ConfigError>) -> Result<Settings, ExitCode> {
+    options
+        .and_then(|options| options.resolve(&|name| std::env::var(name).ok()))
+        .map_err(|error| {
+            eprintln!("goto-auth-proxy: configuration error: {error}");
+            ExitCode::from(EXIT_CONFIG)
+        })
 }
 
 fn status(args: StatusArgs) -> ExitCode {
@@ -73,15 +108,9 @@ fn demo(args: DemoArgs) -> ExitCode {
 }
 
 fn run(args: RunArgs) -> ExitCode {
-    let settings = match args
-        .layered_options()
-        .and_then(|options| options.resolve(&|name| std::env::var(name).ok()))
-    {
+    let settings = match resolve(args.layered_options()) {
         Ok(settings) => settings,
-        Err(error) => {
-            eprintln!("goto-auth-proxy: configuration error: {error}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(code) => return code,
     };
     telemetry::init(settings.log_format);
     runtime().block_on(async move {

@@ -95,7 +95,15 @@ struct State {
     issued: HashMap<String, IssuedToken>,
     refreshes: u64,
     refuse_all: bool,
+    codes: HashMap<String, PendingCode>,
     recorded: VecDeque<RecordedRequest>,
+}
+
+/// An authorization code waiting to be exchanged.
+#[derive(Debug)]
+struct PendingCode {
+    challenge: String,
+    redirect_uri: String,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -170,6 +178,7 @@ impl StandIn {
                 issued: HashMap::new(),
                 refreshes: 0,
                 refuse_all: false,
+                codes: HashMap::new(),
                 recorded: VecDeque::new(),
             }),
             counters: Counters::default(),
@@ -201,6 +210,11 @@ impl StandIn {
             api_tls,
             tasks,
         })
+    }
+
+    /// The authorization (consent) endpoint's URL.
+    pub fn authorize_url(&self) -> String {
+        format!("http://{}/oauth/authorize", self.token_addr)
     }
 
     /// The token endpoint's URL.

@@ -8,7 +8,7 @@ use http::{Method, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::{json, lock, random_token, Fault, IssuedToken, Shared, State, PRINCIPAL};
+use super::{json, lock, random_token, Fault, IssuedToken, PendingCode, Shared, State, PRINCIPAL};
 use crate::proxy::body::ProxyBody;
 
 /// Padding that makes access tokens as long as GoTo's (kilobytes).
@@ -19,6 +19,9 @@ pub(super) async fn handle(shared: &Shared, request: Request<Incoming>) -> Respo
         .counters
         .token_requests
         .fetch_add(1, Ordering::SeqCst);
+    if request.method() == Method::GET && request.uri().path() == "/oauth/authorize" {
+        return authorize(shared, &request);
+    }
     if request.method() != Method::POST || request.uri().path() != "/oauth/token" {
         return json(404, &serde_json::json!({"error": "not_found"}));
     }
@@ -50,9 +53,16 @@ pub(super) async fn handle(shared: &Shared, request: Request<Incoming>) -> Respo
     if authorized.as_ref() != Some(&(state.client_id.clone(), state.client_secret.clone())) {
         return json(401, &serde_json::json!({"error": "invalid_client"}));
     }
+    let code_grant = field("grant_type") == Some("authorization_code");
     let accepted = match field("grant_type") {
         Some("refresh_token") => field("refresh_token") == Some(state.refresh_token.as_str()),
         Some("personal_access_token") => field("pat") == Some(state.pat.as_str()),
+        Some("authorization_code") => redeem_code(
+            &mut state,
+            field("code"),
+            field("code_verifier"),
+            field("redirect_uri"),
+        ),
         _ => return json(400, &serde_json::json!({"error": "unsupported_grant_type"})),
     };
     if !accepted {
@@ -61,12 +71,83 @@ pub(super) async fn handle(shared: &Shared, request: Request<Incoming>) -> Respo
             &serde_json::json!({"error": "invalid_grant", "error_description": "token not valid"}),
         );
     }
-    let grant = issue(shared, &mut state);
+    if code_grant {
+        // A consent starts a new refresh-token chain.
+        state.refresh_token = random_token("rt");
+    }
+    let grant = issue(shared, &mut state, code_grant);
     json(200, &grant)
 }
 
-/// Issues an access token (and, when due, a new refresh token).
-fn issue(shared: &Shared, state: &mut State) -> serde_json::Value {
+/// The consent screen, consented to at once: redirects back with a code
+/// bound to the PKCE challenge and the redirect URI.
+fn authorize(shared: &Shared, request: &Request<Incoming>) -> Response<ProxyBody> {
+    let query: Vec<(String, String)> =
+        form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    let field = |name: &str| {
+        query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let mut state = lock(shared);
+    let (Some(redirect_uri), Some(challenge), Some(client_state)) = (
+        field("redirect_uri"),
+        field("code_challenge"),
+        field("state"),
+    ) else {
+        return json(400, &serde_json::json!({"error": "invalid_request"}));
+    };
+    if field("client_id").as_deref() != Some(state.client_id.as_str())
+        || field("response_type").as_deref() != Some("code")
+        || field("code_challenge_method").as_deref() != Some("S256")
+    {
+        return json(400, &serde_json::json!({"error": "invalid_request"}));
+    }
+    let code = random_token("code");
+    state.codes.insert(
+        code.clone(),
+        PendingCode {
+            challenge,
+            redirect_uri: redirect_uri.clone(),
+        },
+    );
+    let location = format!(
+        "{redirect_uri}?{}",
+        form_urlencoded::Serializer::new(String::new())
+            .append_pair("code", &code)
+            .append_pair("state", &client_state)
+            .finish()
+    );
+    let mut response = Response::new(ProxyBody::Empty);
+    *response.status_mut() = http::StatusCode::FOUND;
+    if let Ok(value) = http::HeaderValue::try_from(location) {
+        response.headers_mut().insert(http::header::LOCATION, value);
+    }
+    response
+}
+
+/// Whether `code` was issued for this verifier and redirect URI; a code works once.
+fn redeem_code(
+    state: &mut State,
+    code: Option<&str>,
+    verifier: Option<&str>,
+    redirect_uri: Option<&str>,
+) -> bool {
+    let (Some(code), Some(verifier)) = (code, verifier) else {
+        return false;
+    };
+    let Some(pending) = state.codes.remove(code) else {
+        return false;
+    };
+    Some(pending.redirect_uri.as_str()) == redirect_uri
+        && crate::login::pkce_challenge(verifier) == pending.challenge
+}
+
+/// Issues an access token (and, when due or asked, the refresh token).
+fn issue(shared: &Shared, state: &mut State, send_refresh_token: bool) -> serde_json::Value {
     let number = shared.counters.tokens_issued.fetch_add(1, Ordering::SeqCst) + 1;
     let lifetime = state.shape.lifetime;
     let access_token = jwt_like(number, lifetime);
@@ -95,7 +176,7 @@ fn issue(shared: &Shared, state: &mut State) -> serde_json::Value {
     if state.shape.send_expires_in {
         grant["expires_in"] = lifetime.as_secs().into();
     }
-    if rotate || state.shape.repeat_refresh_token {
+    if rotate || send_refresh_token || state.shape.repeat_refresh_token {
         grant["refresh_token"] = state.refresh_token.clone().into();
     }
     grant
