@@ -140,7 +140,7 @@ pub async fn login(
         .await
         .expect("the state file task does not panic")?;
     println!(
-        "\nSigned in as {}. The refresh token is saved in {} (mode 0600);\n`goto-auth-proxy run` starts from it, and a running proxy picks it up within a minute.",
+        "\nSigned in as {}. The refresh token is saved in {} (mode 0600);\n`goto-auth-proxy run` starts from it, and a proxy whose refresh token was rejected picks it up on its own.",
         persisted.principal.as_deref().unwrap_or("(principal not named)"),
         store.path().display()
     );

@@ -12,14 +12,21 @@ use common::process::proxy_command;
 use goto_auth_proxy::config::RunOptions;
 
 fn config_file(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("config")
+        .join(name)
 }
 
 /// Every setting of `run`: (TOML key, environment variable).
 fn settings() -> Vec<(String, String)> {
     RunOptions::augment_args(clap::Command::new("run"))
         .get_arguments()
-        .filter_map(|arg| Some((arg.get_id().to_string(), arg.get_env()?.to_string_lossy().into_owned())))
+        .filter_map(|arg| {
+            Some((
+                arg.get_id().to_string(),
+                arg.get_env()?.to_string_lossy().into_owned(),
+            ))
+        })
         .collect()
 }
 
@@ -43,8 +50,15 @@ fn the_example_config_passes_the_check() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.contains("upstream = https://api.getgo.com\n"), "{stdout}");
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("upstream = https://api.getgo.com\n"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -53,17 +67,29 @@ fn the_example_config_documents_every_setting() {
     let settings = settings();
     assert!(settings.len() >= 20, "{settings:?}");
     for (key, _) in settings {
-        let documented = text
-            .lines()
-            .any(|line| line.trim_start_matches(['#', ' ']).starts_with(&format!("{key} =")));
-        assert!(documented, "config/goto-auth-proxy.toml does not mention {key}");
+        let documented = text.lines().any(|line| {
+            line.trim_start_matches(['#', ' '])
+                .starts_with(&format!("{key} ="))
+        });
+        assert!(
+            documented,
+            "config/goto-auth-proxy.toml does not mention {key}"
+        );
     }
 }
 
 #[test]
 fn packaging_sets_only_variables_the_binary_reads() {
     let mut known: BTreeSet<String> = settings().into_iter().map(|(_, env)| env).collect();
-    known.extend(["GOTO_PROXY_CONFIG", "GOTO_CLIENT_SECRET", "GOTO_REFRESH_TOKEN", "GOTO_PAT"].map(String::from));
+    known.extend(
+        [
+            "GOTO_PROXY_CONFIG",
+            "GOTO_CLIENT_SECRET",
+            "GOTO_REFRESH_TOKEN",
+            "GOTO_PAT",
+        ]
+        .map(String::from),
+    );
     for file in ["Dockerfile", "kubernetes.yaml", "goto-auth-proxy.service"] {
         let text = std::fs::read_to_string(config_file(file)).unwrap();
         let used: BTreeSet<String> = text
@@ -77,7 +103,10 @@ fn packaging_sets_only_variables_the_binary_reads() {
             .collect();
         assert!(!used.is_empty(), "{file} sets no GOTO_ variable");
         for name in used {
-            assert!(known.contains(&name), "{file} uses {name}, which goto-auth-proxy does not read");
+            assert!(
+                known.contains(&name),
+                "{file} uses {name}, which goto-auth-proxy does not read"
+            );
         }
     }
 }
