@@ -16,7 +16,7 @@ use crate::server::{serve, ServerOptions};
 use crate::shutdown::ShutdownSignal;
 use crate::store::{FileStore, StateStore, StoreError};
 use crate::tls::TlsError;
-use crate::token::endpoint::{unix_now, EndpointOptions, TokenEndpoint};
+use crate::token::endpoint::unix_now;
 use crate::token::refresher::{Credential, Refresher};
 use crate::token::TokenSource;
 
@@ -121,14 +121,7 @@ pub async fn run(
         Credential::Pat(_) => None,
         Credential::RefreshToken { .. } => Some(store.clone()),
     };
-    let endpoint = TokenEndpoint::new(
-        settings.token_url.clone(),
-        settings.client.clone(),
-        &EndpointOptions {
-            timeout: settings.token_timeout,
-            extra_roots_pem: settings.extra_roots_pem.clone(),
-        },
-    )?;
+    let endpoint = settings.token_endpoint()?;
     let refresher = Refresher::new(
         endpoint,
         credential,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::secret::{load_secret, LoadedSecret, SecretError};
-use crate::token::endpoint::ClientCredentials;
+use crate::token::endpoint::{ClientCredentials, EndpointOptions, TokenEndpoint};
 
 /// Default listen address: loopback, since whoever reaches the proxy acts as the GoTo user.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -361,6 +361,18 @@ impl RunOptions {
 }
 
 impl Settings {
+    /// A client for the configured token endpoint, as the configured OAuth client.
+    pub fn token_endpoint(&self) -> Result<TokenEndpoint, reqwest::Error> {
+        TokenEndpoint::new(
+            self.token_url.clone(),
+            self.client.clone(),
+            &EndpointOptions {
+                timeout: self.token_timeout,
+                extra_roots_pem: self.extra_roots_pem.clone(),
+            },
+        )
+    }
+
     /// A listing of the effective settings for `run --check`; secrets appear
     /// only as where they come from.
     pub fn describe(&self) -> String {

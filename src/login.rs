@@ -18,7 +18,7 @@ use crate::config::Settings;
 use crate::proxy::body::ProxyBody;
 use crate::server::{serve, Handler, ServerOptions};
 use crate::store::{FileStore, PersistedState, StoreError};
-use crate::token::endpoint::{unix_now, EndpointError, EndpointOptions, Grant, TokenEndpoint};
+use crate::token::endpoint::{unix_now, EndpointError, Grant};
 
 /// GoTo's authorization (consent) endpoint.
 pub const DEFAULT_AUTHORIZE_URL: &str = "https://authentication.logmeininc.com/oauth/authorize";
@@ -73,6 +73,13 @@ pub fn pkce_challenge(verifier: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref())
 }
 
+/// The value of `name` in the URI's query, decoded.
+pub(crate) fn query_field(uri: &http::Uri, name: &str) -> Option<String> {
+    form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
+}
+
 /// `bytes` random bytes from the operating system, base64url-encoded.
 fn random_string(bytes: usize) -> String {
     let mut buffer = vec![0u8; bytes];
@@ -109,14 +116,7 @@ pub async fn login(
         options.timeout,
     )
     .await?;
-    let endpoint = TokenEndpoint::new(
-        settings.token_url.clone(),
-        settings.client.clone(),
-        &EndpointOptions {
-            timeout: settings.token_timeout,
-            extra_roots_pem: settings.extra_roots_pem.clone(),
-        },
-    )?;
+    let endpoint = settings.token_endpoint()?;
     let grant = endpoint
         .request(&Grant::AuthorizationCode {
             code,
@@ -226,16 +226,7 @@ impl RedirectHandler {
         if request.uri().path() != self.path {
             return page(StatusCode::NOT_FOUND, "Not the redirect path.");
         }
-        let query: Vec<(String, String)> =
-            form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
-                .into_owned()
-                .collect();
-        let field = |name: &str| {
-            query
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-        };
+        let field = |name: &str| query_field(request.uri(), name);
         let (callback, status, text) = if field("state").as_deref() != Some(self.state.as_str()) {
             (
                 Callback::StateMismatch,

@@ -82,16 +82,7 @@ pub(super) async fn handle(shared: &Shared, request: Request<Incoming>) -> Respo
 /// The consent screen, consented to at once: redirects back with a code
 /// bound to the PKCE challenge and the redirect URI.
 fn authorize(shared: &Shared, request: &Request<Incoming>) -> Response<ProxyBody> {
-    let query: Vec<(String, String)> =
-        form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
-            .into_owned()
-            .collect();
-    let field = |name: &str| {
-        query
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-    };
+    let field = |name: &str| crate::login::query_field(request.uri(), name);
     let mut state = lock(shared);
     let (Some(redirect_uri), Some(challenge), Some(client_state)) = (
         field("redirect_uri"),
