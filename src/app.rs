@@ -152,7 +152,9 @@ pub async fn run(
         drain_timeout: settings.drain_timeout,
     };
     log_start(&settings, &listeners);
-    let refresher = tokio::spawn(refresher.run(shutdown.clone()));
+    // The refresher outlives the drain: a request in flight may still need a refresh.
+    let (stop_refresher, refresher_signal) = crate::shutdown::channel();
+    let refresher = tokio::spawn(refresher.run(refresher_signal));
     let admin = tokio::spawn(serve(
         "admin",
         listeners.admin,
@@ -161,6 +163,7 @@ pub async fn run(
         shutdown.clone(),
     ));
     serve("proxy", listeners.proxy, proxy, server_options, shutdown).await;
+    stop_refresher.trigger();
     let _ = tokio::join!(admin, refresher);
     tracing::info!("stopped");
     Ok(())

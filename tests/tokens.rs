@@ -251,6 +251,28 @@ async fn a_second_401_goes_back_to_the_client_after_one_refresh() {
 }
 
 #[tokio::test]
+async fn a_refusal_during_the_drain_is_still_refreshed_and_retried() {
+    let s = setup(StandInOptions::default(), |_| {}).await;
+    let before = s.standin.token_requests();
+    let in_flight = tokio::spawn(client().get(s.proxy.url("/sleep/1500")).send());
+    wait_for("the request to reach the API", || async {
+        !s.standin.recorded_requests().is_empty()
+    })
+    .await;
+    // Revoked while the request is under way: its answer will be a 401.
+    s.standin.revoke_access_tokens();
+    let stopping = tokio::spawn(s.proxy.stop());
+    let response = in_flight.await.unwrap().unwrap();
+    assert_eq!(
+        response.status(),
+        200,
+        "the retry during the drain found no token"
+    );
+    assert_eq!(s.standin.token_requests() - before, 1);
+    stopping.await.unwrap().unwrap();
+}
+
+#[tokio::test]
 async fn a_rotated_refresh_token_is_persisted_and_a_restart_uses_it() {
     let mut options = StandInOptions::default();
     options.shape.rotate_every = 1;

@@ -37,6 +37,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub fn rewrite_request_headers(headers: &mut HeaderMap, authorization: HeaderValue) {
     strip_hop_by_hop(headers);
     headers.remove(header::HOST);
+    // The proxy has already answered `Expect: 100-continue` by reading the body.
+    headers.remove(header::EXPECT);
     // `insert` drops every `Authorization` the client sent, however many.
     headers.insert(header::AUTHORIZATION, authorization);
 }
@@ -70,6 +72,7 @@ mod tests {
             ("te", "trailers"),
             ("transfer-encoding", "chunked"),
             ("upgrade", "websocket"),
+            ("expect", "100-continue"),
             ("accept", "application/json"),
             ("content-length", "3"),
         ]);
@@ -86,6 +89,7 @@ mod tests {
             "te",
             "transfer-encoding",
             "upgrade",
+            "expect",
         ] {
             assert!(!names.contains(&gone), "{gone} survived: {names:?}");
         }

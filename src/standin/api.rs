@@ -15,6 +15,13 @@ pub(super) async fn handle(shared: &Shared, request: Request<Incoming>) -> Respo
     shared.counters.api_requests.fetch_add(1, Ordering::SeqCst);
     record(shared, &request);
     let path = request.uri().path().to_owned();
+    // A slow answer, whose token is judged when it is given (as by a gateway).
+    if let Some(millis) = path
+        .strip_prefix("/sleep/")
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(millis)).await;
+    }
     let Some(token_number) = valid_token_number(shared, request.headers()) else {
         shared.counters.api_refusals.fetch_add(1, Ordering::SeqCst);
         // Read the body before refusing, as GoTo's API does: answering early
@@ -53,12 +60,6 @@ pub(super) async fn handle(shared: &Shared, request: Request<Incoming>) -> Respo
         .and_then(|n| n.parse::<usize>().ok())
     {
         return bytes_response(count);
-    }
-    if let Some(millis) = path
-        .strip_prefix("/sleep/")
-        .and_then(|n| n.parse::<u64>().ok())
-    {
-        tokio::time::sleep(Duration::from_millis(millis)).await;
     }
     echo(request, token_number).await
 }

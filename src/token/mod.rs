@@ -188,12 +188,20 @@ impl TokenSource {
 
     /// The current token if it is valid: the request path's fast path.
     pub fn current(&self) -> Result<Option<Bearer>, Unavailable> {
+        self.valid_from(0)
+    }
+
+    /// The current token if it is valid and of at least `min_generation`;
+    /// an error once the credential is rejected and no such token can come.
+    fn valid_from(&self, min_generation: u64) -> Result<Option<Bearer>, Unavailable> {
         let snapshot = self.current.load();
         match &snapshot.token {
-            Some(token) if token.is_valid() => Ok(Some(Bearer {
-                header: token.header.clone(),
-                generation: snapshot.generation,
-            })),
+            Some(token) if token.is_valid() && snapshot.generation >= min_generation => {
+                Ok(Some(Bearer {
+                    header: token.header.clone(),
+                    generation: snapshot.generation,
+                }))
+            }
             _ if snapshot.state == TokenState::Rejected => Err(Unavailable::Rejected),
             _ => Ok(None),
         }
@@ -235,10 +243,8 @@ impl TokenSource {
             let published = self.published.notified();
             tokio::pin!(published);
             published.as_mut().enable();
-            if let Some(bearer) = self.current()? {
-                if bearer.generation >= min_generation {
-                    return Ok(bearer);
-                }
+            if let Some(bearer) = self.valid_from(min_generation)? {
+                return Ok(bearer);
             }
             if tokio::time::timeout_at(deadline, published).await.is_err() {
                 return Err(Unavailable::TimedOut);
@@ -346,6 +352,21 @@ mod tests {
             source.acquire(Duration::from_secs(30)).await.unwrap_err(),
             Unavailable::Rejected
         );
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_report_after_a_rejection_answers_at_once() {
+        let source = TokenSource::new();
+        source.publish(fresh(1, Duration::from_secs(60)));
+        // The refresh the 401 asked for was rejected; the refused token is still unexpired.
+        source.publish(Snapshot {
+            state: TokenState::Rejected,
+            ..fresh(1, Duration::from_secs(60))
+        });
+        let started = Instant::now();
+        let result = source.refreshed_after(1, Duration::from_secs(30)).await;
+        assert_eq!(result.unwrap_err(), Unavailable::Rejected);
         assert_eq!(started.elapsed(), Duration::ZERO);
     }
 
