@@ -94,6 +94,10 @@ impl ProxyService {
             Verdict::Deliver(response) => return Ok(response),
             Verdict::TokenRefused(response) => response,
         };
+        if !self.tokens.refusal_warrants_retry(bearer.generation) {
+            tracing::debug!("upstream refused a token obtained in answer to a refusal moments ago; passing the refusal on");
+            return Ok(refused);
+        }
         let Some(replay) = replay else {
             // The body is gone; the client gets the refusal, but the next request a fresh token.
             self.tokens.report_stale(bearer.generation);

@@ -40,6 +40,13 @@ pub(super) async fn handle(shared: &Shared, request: Request<Incoming>) -> Respo
             )
         };
     };
+    if path == "/rate-limited" {
+        let mut response = json(429, &serde_json::json!({"error": "too_many_requests"}));
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, http::HeaderValue::from_static("7"));
+        return response;
+    }
     if path == "/forbidden" {
         return json(
             403,

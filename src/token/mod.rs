@@ -27,13 +27,22 @@ pub const REFRESH_TOKEN_LIFETIME: Duration = Duration::from_secs(30 * 86_400);
 /// A refresh token that has not rotated for this long is reported: it may soon stop working.
 pub const REFRESH_TOKEN_WARN_AGE: Duration = Duration::from_secs(25 * 86_400);
 
+/// After a refresh that answered a 401, another 401 causes no new refresh for
+/// this long: a fresh token that upstream refuses points at scopes or the
+/// account, not at expiry, and refreshing on every request would storm the
+/// token endpoint.
+pub const REFUSAL_REFRESH_INTERVAL: Duration = Duration::from_secs(15);
+
 /// A ready-made `Authorization` header value and when it stops being valid.
 #[derive(Clone)]
 pub struct AccessToken {
     header: HeaderValue,
+    obtained_at: Instant,
     expires_at: Instant,
     expires_at_wall: SystemTime,
     lifetime: Duration,
+    /// Obtained in answer to an upstream refusal of the token before it.
+    pub after_refusal: bool,
 }
 
 impl std::fmt::Debug for AccessToken {
@@ -56,9 +65,12 @@ impl AccessToken {
         let mut header = HeaderValue::from_maybe_shared(bytes::Bytes::from(value))
             .map_err(|_| GrantError::UnsendableToken)?;
         header.set_sensitive(true);
+        let now = Instant::now();
         Ok(Self {
             header,
-            expires_at: Instant::now() + lifetime,
+            obtained_at: now,
+            after_refusal: false,
+            expires_at: now + lifetime,
             expires_at_wall: SystemTime::now() + lifetime,
             lifetime,
         })
@@ -225,6 +237,20 @@ impl TokenSource {
         self.wait_for(generation + 1, wait).await
     }
 
+    /// Whether upstream refusing the token of `generation` should lead to a
+    /// refresh and a retry: yes, unless that very token was obtained in answer
+    /// to a refusal less than [`REFUSAL_REFRESH_INTERVAL`] ago.
+    pub fn refusal_warrants_retry(&self, generation: u64) -> bool {
+        let snapshot = self.current.load();
+        if snapshot.generation != generation {
+            return true;
+        }
+        !snapshot
+            .token
+            .as_ref()
+            .is_some_and(|t| t.after_refusal && t.obtained_at.elapsed() < REFUSAL_REFRESH_INTERVAL)
+    }
+
     /// Reports that upstream refused the token of `generation`, without waiting.
     /// A report about a token that was already replaced is ignored.
     pub fn report_stale(&self, generation: u64) {
@@ -353,6 +379,23 @@ mod tests {
             Unavailable::Rejected
         );
         assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_obtained_after_a_refusal_is_not_refreshed_again_at_once() {
+        let source = TokenSource::new();
+        source.publish(fresh(1, Duration::from_secs(600)));
+        assert!(source.refusal_warrants_retry(1));
+        let mut again = fresh(2, Duration::from_secs(600));
+        again.token.as_mut().unwrap().after_refusal = true;
+        source.publish(again);
+        assert!(
+            source.refusal_warrants_retry(1),
+            "an older token's refusal retries with the new one"
+        );
+        assert!(!source.refusal_warrants_retry(2));
+        tokio::time::advance(REFUSAL_REFRESH_INTERVAL).await;
+        assert!(source.refusal_warrants_retry(2));
     }
 
     #[tokio::test(start_paused = true)]

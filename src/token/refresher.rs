@@ -160,6 +160,7 @@ impl Refresher {
         let mut next_refresh = Instant::now();
         let mut backoff = Backoff::default();
         loop {
+            let mut after_refusal = false;
             let next_save = self.next_save;
             let save_due = async {
                 match next_save {
@@ -174,6 +175,7 @@ impl Refresher {
                         continue;
                     }
                     tracing::info!("upstream refused the current access token; refreshing now");
+                    after_refusal = true;
                 }
                 () = save_due => {
                     self.retry_save().await;
@@ -185,7 +187,7 @@ impl Refresher {
                 next_refresh = Instant::now() + REJECTED_RECHECK;
                 continue;
             }
-            match self.refresh().await {
+            match self.refresh(after_refusal).await {
                 Ok(lifetime) => {
                     backoff.reset();
                     phase = Phase::Scheduled;
@@ -226,12 +228,13 @@ impl Refresher {
     }
 
     /// One token request, with the bootstrap fallback on a first rejection.
-    async fn refresh(&mut self) -> Result<Duration, EndpointError> {
+    /// `after_refusal` marks a refresh that answers an upstream 401.
+    async fn refresh(&mut self, after_refusal: bool) -> Result<Duration, EndpointError> {
         loop {
             match self.endpoint.request(&self.credential.grant()).await {
                 Ok(grant) => {
                     self.metrics.count_refresh("success");
-                    return self.accept(grant).await;
+                    return self.accept(grant, after_refusal).await;
                 }
                 Err(error) => {
                     self.metrics.count_refresh(error.kind());
@@ -266,8 +269,13 @@ impl Refresher {
     }
 
     /// Takes a grant into use: persist what must survive a crash, then publish.
-    async fn accept(&mut self, grant: TokenGrant) -> Result<Duration, EndpointError> {
-        let token = AccessToken::new(&grant.access_token, grant.lifetime)?;
+    async fn accept(
+        &mut self,
+        grant: TokenGrant,
+        after_refusal: bool,
+    ) -> Result<Duration, EndpointError> {
+        let mut token = AccessToken::new(&grant.access_token, grant.lifetime)?;
+        token.after_refusal = after_refusal;
         let rotated = self.take_rotated(grant.refresh_token);
         if let Some(principal) = grant.principal {
             if self.principal.as_deref() != Some(principal.as_str()) {

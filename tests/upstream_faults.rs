@@ -1,0 +1,115 @@
+//! The upstream misbehaving: refusing every token, rate limiting, and
+//! connections that break before or during the response.
+
+mod common;
+
+use common::{client, options_for, settings, setup, start_proxy};
+use goto_auth_proxy::standin::StandInOptions;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn an_upstream_that_refuses_every_token_causes_no_refresh_storm() {
+    let s = setup(StandInOptions::default(), |_| {}).await;
+    s.standin.set_refuse_all(true);
+    let before = s.standin.token_requests();
+    for _ in 0..25 {
+        let response = client().get(s.proxy.url("/x")).send().await.unwrap();
+        assert_eq!(
+            response.status(),
+            401,
+            "the upstream's refusal is passed on"
+        );
+    }
+    // One refresh for the first refusal; the token it brought is refused too,
+    // which points at scopes or the account, so no more refreshes follow.
+    assert_eq!(s.standin.token_requests() - before, 1);
+    s.standin.set_refuse_all(false);
+    assert_eq!(
+        client()
+            .get(s.proxy.url("/x"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn rate_limiting_is_passed_on_with_retry_after() {
+    let s = setup(StandInOptions::default(), |_| {}).await;
+    let response = client()
+        .get(s.proxy.url("/rate-limited"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "7");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "too_many_requests");
+}
+
+/// An upstream that reads a request head, writes `answer`, and closes.
+async fn breaking_upstream(answer: &'static [u8]) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                let _ = stream.write_all(answer).await;
+                // Dropping the stream closes the connection mid-answer.
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_connection_reset_before_the_answer_is_502_and_during_it_cuts_the_body() {
+    let s = setup(StandInOptions::default(), |_| {}).await;
+    for (answer, expect_headers) in [
+        (&b""[..], false),
+        (
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\npartial"[..],
+            true,
+        ),
+    ] {
+        let addr = breaking_upstream(answer).await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = options_for(&s.standin, dir.path());
+        options.upstream = Some(format!("http://{addr}"));
+        let proxy = start_proxy(settings(options, Some(s.standin.refresh_token()))).await;
+        proxy.wait_ready().await;
+        let response = client().get(proxy.url("/x")).send().await.unwrap();
+        if expect_headers {
+            assert_eq!(response.status(), 200);
+            assert!(
+                response.bytes().await.is_err(),
+                "a cut body must not look complete"
+            );
+        } else {
+            assert_eq!(response.status(), 502);
+            let error: Value = response.json().await.unwrap();
+            assert_eq!(error["error"], "upstream_failed");
+        }
+        // Still serving.
+        assert_eq!(
+            client()
+                .get(proxy.admin_url("/healthz"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+}
