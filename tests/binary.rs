@@ -104,7 +104,7 @@ fn bad_settings_exit_64_naming_the_setting() {
 async fn trace_logs_hold_no_secret() {
     // TLS and HTTP/2 upstream, so rustls and h2 log too.
     let mut options = StandInOptions {
-        api_tls: Some((
+        tls: Some((
             std::fs::read(common::cert_path("localhost.pem")).unwrap(),
             std::fs::read(common::cert_path("localhost.key")).unwrap(),
         )),

@@ -156,7 +156,7 @@ async fn tls_upstream_with_a_private_ca() {
     let chain = std::fs::read(cert_path("localhost.pem")).unwrap();
     let key = std::fs::read(cert_path("localhost.key")).unwrap();
     let options = StandInOptions {
-        api_tls: Some((chain, key)),
+        tls: Some((chain, key)),
         ..StandInOptions::default()
     };
     let s = setup(options.clone(), |o| {
@@ -173,12 +173,17 @@ async fn tls_upstream_with_a_private_ca() {
     // The stand-in offers h2 by ALPN, and the proxy takes it.
     assert_eq!(echo["version"], "HTTP/2.0");
 
-    // Without the CA file the certificate is not trusted: 502, and no request arrives.
+    // Without the CA file the certificate is not trusted: 502, and no request
+    // arrives. (Tokens come from a plain-http stand-in here, so the proxy is ready.)
     let before = s.standin.recorded_requests().len();
+    let plain = goto_auth_proxy::standin::StandIn::start(StandInOptions::default())
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let options = common::options_for(&s.standin, dir.path());
+    let mut options = common::options_for(&plain, dir.path());
+    options.upstream = Some(s.standin.api_url());
     let untrusting =
-        common::start_proxy(common::settings(options, Some(s.standin.refresh_token()))).await;
+        common::start_proxy(common::settings(options, Some(plain.refresh_token()))).await;
     untrusting.wait_ready().await;
     let response = client()
         .get(untrusting.url("/G2M/rest/organizers"))

@@ -24,6 +24,8 @@ pub enum ProxyBody {
         prefix: VecDeque<Bytes>,
         rest: Incoming,
     },
+    /// Chunks fed by a task as they are made (the stand-in's slow answers).
+    Channel(tokio::sync::mpsc::Receiver<Bytes>),
 }
 
 impl ProxyBody {
@@ -54,6 +56,9 @@ impl Body for ProxyBody {
                 Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
                 None => Pin::new(rest).poll_frame(cx),
             },
+            ProxyBody::Channel(receiver) => receiver
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|c| Ok(Frame::data(c)))),
         }
     }
 
@@ -63,6 +68,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(bytes) => bytes.is_none(),
             ProxyBody::Stream(incoming) => incoming.is_end_stream(),
             ProxyBody::Prefixed { prefix, rest } => prefix.is_empty() && rest.is_end_stream(),
+            ProxyBody::Channel(_) => false,
         }
     }
 
@@ -83,6 +89,7 @@ impl Body for ProxyBody {
                 }
                 hint
             }
+            ProxyBody::Channel(_) => SizeHint::new(),
         }
     }
 }

@@ -39,6 +39,8 @@ pub enum Fault {
     InvalidGrant,
     /// Never answer.
     Hang,
+    /// Answer 200, then send the body one byte at a time, too slowly to finish.
+    SlowDrip,
     /// Answer 200 with HTML.
     Garbage,
     /// Answer 200 with JSON that has no `access_token`.
@@ -95,6 +97,7 @@ struct State {
     issued: HashMap<String, IssuedToken>,
     refreshes: u64,
     refuse_all: bool,
+    token_request_times: Vec<Instant>,
     codes: HashMap<String, PendingCode>,
     recorded: VecDeque<RecordedRequest>,
 }
@@ -139,7 +142,7 @@ pub struct StandIn {
     shared: Arc<Shared>,
     token_addr: SocketAddr,
     api_addr: SocketAddr,
-    api_tls: bool,
+    tls: bool,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -159,8 +162,8 @@ pub struct StandInOptions {
     pub refresh_token: Option<String>,
     /// How grants look.
     pub shape: GrantShape,
-    /// Serve the API over TLS with this PEM certificate chain and key.
-    pub api_tls: Option<(Vec<u8>, Vec<u8>)>,
+    /// Serve the token endpoint and the API over TLS with this PEM certificate chain and key.
+    pub tls: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl StandIn {
@@ -178,6 +181,7 @@ impl StandIn {
                 issued: HashMap::new(),
                 refreshes: 0,
                 refuse_all: false,
+                token_request_times: Vec::new(),
                 codes: HashMap::new(),
                 recorded: VecDeque::new(),
             }),
@@ -187,51 +191,57 @@ impl StandIn {
         let api_listener = TcpListener::bind("127.0.0.1:0").await?;
         let token_addr = token_listener.local_addr()?;
         let api_addr = api_listener.local_addr()?;
-        let tls = match options.api_tls {
+        let tls = match options.tls {
             Some((chain, key)) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
                 crate::tls::server_config(&chain, &key).map_err(std::io::Error::other)?,
             ))),
             None => None,
         };
-        let api_tls = tls.is_some();
         let tasks = vec![
             tokio::spawn(accept_loop(
                 token_listener,
-                None,
+                tls.clone(),
                 shared.clone(),
                 Role::TokenEndpoint,
             )),
-            tokio::spawn(accept_loop(api_listener, tls, shared.clone(), Role::Api)),
+            tokio::spawn(accept_loop(
+                api_listener,
+                tls.clone(),
+                shared.clone(),
+                Role::Api,
+            )),
         ];
         Ok(Self {
             shared,
             token_addr,
             api_addr,
-            api_tls,
+            tls: tls.is_some(),
             tasks,
         })
     }
 
     /// The authorization (consent) endpoint's URL.
     pub fn authorize_url(&self) -> String {
-        format!("http://{}/oauth/authorize", self.token_addr)
+        format!("{}/oauth/authorize", self.base_url(self.token_addr))
     }
 
     /// The token endpoint's URL.
     pub fn token_url(&self) -> String {
-        format!("http://{}/oauth/token", self.token_addr)
+        format!("{}/oauth/token", self.base_url(self.token_addr))
     }
 
     /// The API's base URL.
     pub fn api_url(&self) -> String {
-        let scheme = if self.api_tls { "https" } else { "http" };
-        // The certificate in certs/ names "localhost", so TLS goes by that name.
-        let host = if self.api_tls {
-            "localhost"
+        self.base_url(self.api_addr)
+    }
+
+    fn base_url(&self, addr: SocketAddr) -> String {
+        if self.tls {
+            // The certificate in certs/ names "localhost", so TLS goes by that name.
+            format!("https://localhost:{}", addr.port())
         } else {
-            "127.0.0.1"
-        };
-        format!("{scheme}://{host}:{}", self.api_addr.port())
+            format!("http://{addr}")
+        }
     }
 
     /// The refresh token the endpoint accepts now.
@@ -296,6 +306,11 @@ impl StandIn {
     /// Token requests received so far.
     pub fn token_requests(&self) -> u64 {
         self.shared.counters.token_requests.load(Ordering::SeqCst)
+    }
+
+    /// When each token request arrived, oldest first.
+    pub fn token_request_times(&self) -> Vec<Instant> {
+        self.state().token_request_times.clone()
     }
 
     /// API requests refused for their token so far.

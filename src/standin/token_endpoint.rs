@@ -15,13 +15,14 @@ use crate::proxy::body::ProxyBody;
 const TOKEN_PADDING: usize = 1200;
 
 pub(super) async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<ProxyBody> {
+    if request.method() == Method::GET && request.uri().path() == "/oauth/authorize" {
+        return authorize(shared, &request);
+    }
     shared
         .counters
         .token_requests
         .fetch_add(1, Ordering::SeqCst);
-    if request.method() == Method::GET && request.uri().path() == "/oauth/authorize" {
-        return authorize(shared, &request);
-    }
+    lock(shared).token_request_times.push(Instant::now());
     if request.method() != Method::POST || request.uri().path() != "/oauth/token" {
         return json(404, &serde_json::json!({"error": "not_found"}));
     }
@@ -218,6 +219,28 @@ async fn play(fault: Fault) -> Response<ProxyBody> {
         }
         Fault::InvalidGrant => json(400, &serde_json::json!({"error": "invalid_grant"})),
         Fault::Hang => std::future::pending().await,
+        Fault::SlowDrip => {
+            // A grant that never finishes: one byte every 300 ms until the client leaves.
+            let (sender, receiver) = tokio::sync::mpsc::channel(1);
+            tokio::spawn(async move {
+                for byte in br#"{"access_token":"drip"#.iter().cycle().take(2000) {
+                    if sender
+                        .send(bytes::Bytes::copy_from_slice(&[*byte]))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            });
+            let mut response = Response::new(ProxyBody::Channel(receiver));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            response
+        }
         Fault::Garbage => {
             let mut response = Response::new(ProxyBody::full(
                 "<html><body>Service temporarily unavailable</body></html>",
