@@ -11,13 +11,17 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use hyper_util::server::graceful::Watcher;
+use std::net::SocketAddr;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::proxy::body::ProxyBody;
 use crate::shutdown::ShutdownSignal;
 
 /// How long to pause accepting after an error such as running out of file descriptors.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// How often to look again at a connection that has sent part of the HTTP/2 preface.
+const PREFACE_POLL: Duration = Duration::from_millis(10);
 
 /// Something that answers requests.
 pub trait Handler: Send + Sync + 'static {
@@ -56,25 +60,21 @@ pub async fn serve<H: Handler>(
     options: ServerOptions,
     mut shutdown: ShutdownSignal,
 ) {
-    let builder = connection_builder(&options);
+    let builder = Arc::new(connection_builder(&options));
     let graceful = GracefulShutdown::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let handler = handler.clone();
-                    let service = hyper::service::service_fn(move |request| {
-                        let handler = handler.clone();
-                        async move { Ok::<_, Infallible>(handler.handle(request).await) }
-                    });
-                    let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                    let connection = graceful.watch(connection);
-                    tokio::spawn(async move {
-                        if let Err(error) = connection.await {
-                            tracing::debug!(%peer, error = %error, "client connection ended with an error");
-                        }
-                    });
+                    tokio::spawn(serve_client(
+                        stream,
+                        peer,
+                        builder.clone(),
+                        handler.clone(),
+                        graceful.watcher(),
+                        options.header_read_timeout,
+                    ));
                 }
                 Err(error) => {
                     tracing::warn!(listener = name, error = %error, "accepting a connection failed");
@@ -86,6 +86,51 @@ pub async fn serve<H: Handler>(
     }
     drop(listener);
     drain(name, graceful, options.drain_timeout).await;
+}
+
+/// Serves one client connection once it has started to talk.
+async fn serve_client<H: Handler>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    handler: Arc<H>,
+    watcher: Watcher,
+    first_bytes_timeout: Duration,
+) {
+    if !protocol_known(&stream, first_bytes_timeout).await {
+        tracing::debug!(%peer, "closing a connection that sent no request in time");
+        return;
+    }
+    let service = hyper::service::service_fn(move |request| {
+        let handler = handler.clone();
+        async move { Ok::<_, Infallible>(handler.handle(request).await) }
+    });
+    let connection = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .into_owned();
+    if let Err(error) = watcher.watch(connection).await {
+        tracing::debug!(%peer, error = %error, "client connection ended with an error");
+    }
+}
+
+/// Waits, up to `timeout`, until the client has sent enough to tell HTTP/1
+/// from the HTTP/2 preface. hyper's header read timeout starts only after
+/// that, so without this a client that connects and sends nothing (or a
+/// few bytes of the preface) would hold its connection forever.
+async fn protocol_known(stream: &TcpStream, timeout: Duration) -> bool {
+    const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let detect = async {
+        let mut buffer = [0u8; H2_PREFACE.len()];
+        loop {
+            match stream.peek(&mut buffer).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) if n == H2_PREFACE.len() || buffer[..n] != H2_PREFACE[..n] => return true,
+                // A prefix of the preface: wait for the rest without spinning.
+                Ok(_) => tokio::time::sleep(PREFACE_POLL).await,
+            }
+        }
+    };
+    tokio::time::timeout(timeout, detect).await.unwrap_or(false)
 }
 
 fn connection_builder(options: &ServerOptions) -> auto::Builder<TokioExecutor> {
