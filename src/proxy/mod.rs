@@ -91,7 +91,10 @@ impl ProxyService {
         };
         let request = upstream_request(&parts, uri.clone(), &bearer, first_body);
         let refused = match self.send(request).await? {
-            Verdict::Deliver(response) => return Ok(response),
+            Verdict::Deliver(response) => {
+                self.tokens.report_accepted(bearer.generation);
+                return Ok(response);
+            }
             Verdict::TokenRefused(response) => response,
         };
         if !self.tokens.refusal_warrants_retry(bearer.generation) {

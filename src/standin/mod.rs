@@ -71,6 +71,10 @@ pub struct GrantShape {
     pub send_expires_in: bool,
     /// Repeat the current refresh token in answers that do not rotate it.
     pub repeat_refresh_token: bool,
+    /// Answer every this many token requests with 503 (0: never).
+    pub fail_every: u64,
+    /// Still accept the refresh token before the last rotation.
+    pub accept_previous_refresh_token: bool,
 }
 
 impl Default for GrantShape {
@@ -80,6 +84,8 @@ impl Default for GrantShape {
             rotate_every: 0,
             send_expires_in: true,
             repeat_refresh_token: false,
+            fail_every: 0,
+            accept_previous_refresh_token: false,
         }
     }
 }
@@ -90,6 +96,8 @@ struct State {
     client_id: String,
     client_secret: String,
     refresh_token: String,
+    /// Every refresh token handed out, oldest first (the first one included).
+    refresh_token_history: Vec<String>,
     pat: String,
     shape: GrantShape,
     faults: VecDeque<Fault>,
@@ -112,6 +120,7 @@ struct PendingCode {
 #[derive(Clone, Copy, Debug)]
 struct IssuedToken {
     number: u64,
+    issued_at: Instant,
     expires_at: Instant,
     revoked: bool,
 }
@@ -169,11 +178,13 @@ pub struct StandInOptions {
 impl StandIn {
     /// Starts the token endpoint and the API on `127.0.0.1:0`.
     pub async fn start(options: StandInOptions) -> std::io::Result<Self> {
+        let first_refresh_token = options.refresh_token.unwrap_or_else(|| random_token("rt"));
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 client_id: CLIENT_ID.to_owned(),
                 client_secret: CLIENT_SECRET.to_owned(),
-                refresh_token: options.refresh_token.unwrap_or_else(|| random_token("rt")),
+                refresh_token: first_refresh_token.clone(),
+                refresh_token_history: vec![first_refresh_token],
                 pat: random_token("pat"),
                 shape: options.shape,
                 faults: VecDeque::new(),
@@ -283,9 +294,21 @@ impl StandIn {
 
     /// Makes every access token issued so far invalid, as a revocation would.
     pub fn revoke_access_tokens(&self) {
+        self.revoke_access_tokens_older_than(Duration::ZERO);
+    }
+
+    /// Makes every access token issued more than `age` ago invalid.
+    pub fn revoke_access_tokens_older_than(&self, age: Duration) {
         for token in self.state().issued.values_mut() {
-            token.revoked = true;
+            if token.issued_at.elapsed() >= age {
+                token.revoked = true;
+            }
         }
+    }
+
+    /// Every refresh token handed out so far, oldest first.
+    pub fn refresh_token_history(&self) -> Vec<String> {
+        self.state().refresh_token_history.clone()
     }
 
     /// Makes the API refuse every token, even fresh ones, until set back.
@@ -333,6 +356,28 @@ impl Drop for StandIn {
         for task in &self.tasks {
             task.abort();
         }
+    }
+}
+
+impl State {
+    /// Hands out a new refresh token, remembering the one before.
+    fn rotate_refresh_token(&mut self) {
+        let next = random_token("rt");
+        self.refresh_token = next.clone();
+        self.refresh_token_history.push(next);
+    }
+
+    /// Whether `offered` is a refresh token this endpoint takes now.
+    fn accepts_refresh_token(&self, offered: Option<&str>) -> bool {
+        let Some(offered) = offered else { return false };
+        if offered == self.refresh_token {
+            return true;
+        }
+        let history = &self.refresh_token_history;
+        self.shape.accept_previous_refresh_token
+            && history.len() >= 2
+            && history[history.len() - 1] == self.refresh_token
+            && history[history.len() - 2] == offered
     }
 }
 

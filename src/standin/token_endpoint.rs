@@ -41,10 +41,13 @@ pub(super) async fn handle(shared: &Shared, request: Request<Incoming>) -> Respo
 
     let fault = {
         let mut state = lock(shared);
+        let count = state.token_request_times.len() as u64;
+        let scheduled = state.shape.fail_every > 0 && count % state.shape.fail_every == 0;
         state
             .faults
             .pop_front()
             .or_else(|| state.standing_fault.clone())
+            .or(scheduled.then_some(Fault::Status(503)))
     };
     if let Some(fault) = fault {
         return play(fault).await;
@@ -56,7 +59,7 @@ pub(super) async fn handle(shared: &Shared, request: Request<Incoming>) -> Respo
     }
     let code_grant = field("grant_type") == Some("authorization_code");
     let accepted = match field("grant_type") {
-        Some("refresh_token") => field("refresh_token") == Some(state.refresh_token.as_str()),
+        Some("refresh_token") => state.accepts_refresh_token(field("refresh_token")),
         Some("personal_access_token") => field("pat") == Some(state.pat.as_str()),
         Some("authorization_code") => redeem_code(
             &mut state,
@@ -74,7 +77,7 @@ pub(super) async fn handle(shared: &Shared, request: Request<Incoming>) -> Respo
     }
     if code_grant {
         // A consent starts a new refresh-token chain.
-        state.refresh_token = random_token("rt");
+        state.rotate_refresh_token();
     }
     let grant = issue(shared, &mut state, code_grant);
     json(200, &grant)
@@ -147,6 +150,7 @@ fn issue(shared: &Shared, state: &mut State, send_refresh_token: bool) -> serde_
         access_token.clone(),
         IssuedToken {
             number,
+            issued_at: Instant::now(),
             expires_at: Instant::now() + lifetime,
             revoked: false,
         },
@@ -155,7 +159,7 @@ fn issue(shared: &Shared, state: &mut State, send_refresh_token: bool) -> serde_
     state.refreshes += 1;
     let rotate = state.shape.rotate_every > 0 && state.refreshes % state.shape.rotate_every == 0;
     if rotate {
-        state.refresh_token = random_token("rt");
+        state.rotate_refresh_token();
     }
     let mut grant = serde_json::json!({
         "access_token": access_token,

@@ -27,10 +27,10 @@ pub const REFRESH_TOKEN_LIFETIME: Duration = Duration::from_secs(30 * 86_400);
 /// A refresh token that has not rotated for this long is reported: it may soon stop working.
 pub const REFRESH_TOKEN_WARN_AGE: Duration = Duration::from_secs(25 * 86_400);
 
-/// After a refresh that answered a 401, another 401 causes no new refresh for
-/// this long: a fresh token that upstream refuses points at scopes or the
-/// account, not at expiry, and refreshing on every request would storm the
-/// token endpoint.
+/// A token obtained in answer to a 401 that upstream refuses before it was
+/// ever accepted points at scopes or the account, not expiry: for this long
+/// such refusals go to the client without another refresh, so a misconfigured
+/// client cannot storm the token endpoint.
 pub const REFUSAL_REFRESH_INTERVAL: Duration = Duration::from_secs(15);
 
 /// A ready-made `Authorization` header value and when it stops being valid.
@@ -151,6 +151,7 @@ pub struct TokenSource {
     published: Notify,
     stale_generation: AtomicU64,
     stale_reported: Notify,
+    accepted_generation: AtomicU64,
 }
 
 impl std::fmt::Debug for TokenSource {
@@ -181,6 +182,7 @@ impl TokenSource {
             published: Notify::new(),
             stale_generation: AtomicU64::new(0),
             stale_reported: Notify::new(),
+            accepted_generation: AtomicU64::new(0),
         }
     }
 
@@ -237,18 +239,29 @@ impl TokenSource {
         self.wait_for(generation + 1, wait).await
     }
 
+    /// Records that upstream accepted the token of `generation`.
+    pub fn report_accepted(&self, generation: u64) {
+        // A load first: on the request path the value rarely changes.
+        if self.accepted_generation.load(Ordering::Relaxed) < generation {
+            self.accepted_generation
+                .fetch_max(generation, Ordering::Relaxed);
+        }
+    }
+
     /// Whether upstream refusing the token of `generation` should lead to a
     /// refresh and a retry: yes, unless that very token was obtained in answer
-    /// to a refusal less than [`REFUSAL_REFRESH_INTERVAL`] ago.
+    /// to a refusal less than [`REFUSAL_REFRESH_INTERVAL`] ago and upstream has
+    /// never accepted it. (A token that worked and is then refused was revoked.)
     pub fn refusal_warrants_retry(&self, generation: u64) -> bool {
         let snapshot = self.current.load();
         if snapshot.generation != generation {
             return true;
         }
-        !snapshot
-            .token
-            .as_ref()
-            .is_some_and(|t| t.after_refusal && t.obtained_at.elapsed() < REFUSAL_REFRESH_INTERVAL)
+        let never_accepted = self.accepted_generation.load(Ordering::Relaxed) < generation;
+        !(never_accepted
+            && snapshot.token.as_ref().is_some_and(|t| {
+                t.after_refusal && t.obtained_at.elapsed() < REFUSAL_REFRESH_INTERVAL
+            }))
     }
 
     /// Reports that upstream refused the token of `generation`, without waiting.
@@ -395,6 +408,16 @@ mod tests {
         );
         assert!(!source.refusal_warrants_retry(2));
         tokio::time::advance(REFUSAL_REFRESH_INTERVAL).await;
+        assert!(source.refusal_warrants_retry(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_that_worked_and_is_then_refused_is_refreshed_again() {
+        let source = TokenSource::new();
+        let mut again = fresh(2, Duration::from_secs(600));
+        again.token.as_mut().unwrap().after_refusal = true;
+        source.publish(again);
+        source.report_accepted(2);
         assert!(source.refusal_warrants_retry(2));
     }
 
