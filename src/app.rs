@@ -116,6 +116,14 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let tokens = Arc::new(TokenSource::new());
     let store = Arc::new(FileStore::new(&settings.state_file));
+    match store.remove_leftovers() {
+        Ok(0) => {}
+        Ok(count) => tracing::info!(
+            count,
+            "removed temporary files an interrupted state write left behind"
+        ),
+        Err(error) => tracing::warn!(error = %error, "cannot clean up beside the state file"),
+    }
     let credential = initial_credential(&settings, store.as_ref()).await?;
     let persist: Option<Arc<dyn StateStore>> = match credential {
         Credential::Pat(_) => None,

@@ -120,6 +120,27 @@ impl FileStore {
         }))
     }
 
+    /// Removes temporary files that a process killed mid-write left beside the
+    /// state file; returns how many went. Call before this process writes.
+    pub fn remove_leftovers(&self) -> io::Result<usize> {
+        let (dir, prefix) = temporary_prefix(&self.path);
+        let entries = match fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(&prefix) && name.ends_with(".tmp") {
+                fs::remove_file(entry.path())?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Writes the file now, on the calling thread.
     pub fn save_blocking(&self, state: &PersistedState) -> Result<(), StoreError> {
         let file = StateFile {
@@ -167,20 +188,13 @@ async fn run_blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'stat
 /// file: write a temporary file beside it, fsync, rename over, fsync the directory.
 pub fn write_atomically(path: &Path, contents: &[u8]) -> io::Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
+    let (dir, prefix) = temporary_prefix(path);
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
     let temp = dir.join(format!(
-        ".{name}.{}.{}.tmp",
+        "{prefix}{}.{}.tmp",
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
@@ -191,6 +205,19 @@ pub fn write_atomically(path: &Path, contents: &[u8]) -> io::Result<()> {
         return Err(e);
     }
     File::open(dir)?.sync_all()
+}
+
+/// The directory of `path`, and how its temporary files' names begin.
+fn temporary_prefix(path: &Path) -> (&Path, String) {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    (dir, format!(".{name}."))
 }
 
 fn write_new_file(path: &Path, contents: &[u8]) -> io::Result<()> {
@@ -288,6 +315,28 @@ mod tests {
             names.len(),
             2,
             "a temporary file was left behind: {names:?}"
+        );
+    }
+
+    #[test]
+    fn leftovers_of_a_killed_writer_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path().join("state.json"));
+        store.save_blocking(&state("kept")).unwrap();
+        fs::write(dir.path().join(".state.json.999.0.tmp"), b"{\"refresh_to").unwrap();
+        fs::write(dir.path().join("unrelated.tmp"), b"x").unwrap();
+        assert_eq!(store.remove_leftovers().unwrap(), 1);
+        let mut names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["state.json", "unrelated.tmp"]);
+        assert_eq!(
+            FileStore::new(dir.path().join("missing/state.json"))
+                .remove_leftovers()
+                .unwrap(),
+            0
         );
     }
 
