@@ -15,6 +15,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+/// Parses the state file's JSON; on failure, the line and column at fault
+/// (never the text, which may hold a token).
+pub fn parse_state(bytes: &[u8]) -> Result<PersistedState, (usize, usize)> {
+    let file: StateFile = serde_json::from_slice(bytes).map_err(|e| (e.line(), e.column()))?;
+    Ok(PersistedState {
+        refresh_token: file
+            .refresh_token
+            .filter(|t| !t.is_empty())
+            .map(SecretString::from),
+        refresh_token_first_seen: file.refresh_token_first_seen,
+        principal: file.principal,
+        access_token_expires_at: file.access_token_expires_at,
+        updated_at: file.updated_at,
+    })
+}
+
 /// A boxed future, so the store can be used as a trait object.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -103,21 +119,11 @@ impl FileStore {
             }
         };
         warn_if_exposed(&self.path);
-        let file: StateFile = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+        parse_state(&bytes).map(Some).map_err(|(line, column)| StoreError::Corrupt {
             path: self.path.clone(),
-            line: e.line(),
-            column: e.column(),
-        })?;
-        Ok(Some(PersistedState {
-            refresh_token: file
-                .refresh_token
-                .filter(|t| !t.is_empty())
-                .map(SecretString::from),
-            refresh_token_first_seen: file.refresh_token_first_seen,
-            principal: file.principal,
-            access_token_expires_at: file.access_token_expires_at,
-            updated_at: file.updated_at,
-        }))
+            line,
+            column,
+        })
     }
 
     /// Removes temporary files that a process killed mid-write left beside the
