@@ -1,11 +1,10 @@
 //! The `goto-auth-proxy` binary: parse, set up logging, hand over to the library.
 
 use std::process::ExitCode;
+use std::time::SystemTime;
 
 use clap::Parser;
 use goto_auth_proxy::app::{self, Listeners};
-use std::time::SystemTime;
-
 use goto_auth_proxy::cli::{Cli, Command, DemoArgs, LoginArgs, RunArgs, StatusArgs};
 use goto_auth_proxy::config::{ConfigError, LogFormat, RunOptions, Settings};
 use goto_auth_proxy::demo::DemoOptions;

@@ -119,11 +119,13 @@ impl FileStore {
             }
         };
         warn_if_exposed(&self.path);
-        parse_state(&bytes).map(Some).map_err(|(line, column)| StoreError::Corrupt {
-            path: self.path.clone(),
-            line,
-            column,
-        })
+        parse_state(&bytes)
+            .map(Some)
+            .map_err(|(line, column)| StoreError::Corrupt {
+                path: self.path.clone(),
+                line,
+                column,
+            })
     }
 
     /// Removes temporary files that a process killed mid-write left beside the

@@ -550,3 +550,54 @@ async fn a_state_file_that_cannot_be_written_is_loud_and_the_proxy_keeps_serving
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_refresh_token_revoked_while_running_turns_the_proxy_unready() {
+    let s = setup(StandInOptions::default(), |o| {
+        o.token_wait = Some("60s".into())
+    })
+    .await;
+    s.standin.revoke_refresh_token();
+    s.standin.revoke_access_tokens();
+    // The refusal's refresh is rejected: the request learns it at once, not after 60 s.
+    let response = tokio::time::timeout(PATIENCE, client().get(s.proxy.url("/x")).send())
+        .await
+        .expect("answered at once")
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"], "token_unavailable");
+    assert_eq!(
+        s.proxy
+            .metric("goto_proxy_token_refreshes_total{result=\"rejected\"}")
+            .await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_refresh_token_sent_back_unchanged_keeps_its_age() {
+    let mut options = short_lived(2);
+    options.shape.repeat_refresh_token = true;
+    let s = setup(options, |_| {}).await;
+    let first = FileStore::new(s.dir.path().join("state.json"))
+        .load_blocking()
+        .unwrap()
+        .unwrap();
+    wait_for("three more refreshes", || async {
+        s.standin.token_requests() >= 4
+    })
+    .await;
+    let later = FileStore::new(s.dir.path().join("state.json"))
+        .load_blocking()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        later.refresh_token.unwrap().expose_secret(),
+        first.refresh_token.unwrap().expose_secret()
+    );
+    assert_eq!(
+        later.refresh_token_first_seen, first.refresh_token_first_seen,
+        "a repeated refresh token is not a new one: its age must not restart"
+    );
+}

@@ -12,7 +12,6 @@ use super::{json, lock, RecordedRequest, Shared, RECORDED_MAX};
 use crate::proxy::body::ProxyBody;
 
 pub(super) async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<ProxyBody> {
-    shared.counters.api_requests.fetch_add(1, Ordering::SeqCst);
     record(shared, &request);
     let path = request.uri().path().to_owned();
     // A slow answer, whose token is judged when it is given (as by a gateway).

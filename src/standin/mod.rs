@@ -128,17 +128,15 @@ struct IssuedToken {
 /// The most API requests remembered for inspection.
 const RECORDED_MAX: usize = 256;
 
-/// Counters the owner can read at any time.
+/// Counters the owner reads through [`StandIn`]'s methods.
 #[derive(Debug, Default)]
-pub struct Counters {
+struct Counters {
     /// Token requests received (any grant, any outcome).
-    pub token_requests: AtomicU64,
+    token_requests: AtomicU64,
     /// Token requests answered with a new access token.
-    pub tokens_issued: AtomicU64,
-    /// API requests received.
-    pub api_requests: AtomicU64,
+    tokens_issued: AtomicU64,
     /// API requests refused for their token (401 or 403 InvalidToken).
-    pub api_refusals: AtomicU64,
+    api_refusals: AtomicU64,
 }
 
 struct Shared {
@@ -277,11 +275,6 @@ impl StandIn {
         tokens.into_iter().map(|(_, t)| t).collect()
     }
 
-    /// Changes how new grants look.
-    pub fn set_shape(&self, shape: GrantShape) {
-        self.state().shape = shape;
-    }
-
     /// Plays `fault` for the next token request (queued after earlier ones).
     pub fn push_fault(&self, fault: Fault) {
         self.state().faults.push_back(fault);
@@ -319,11 +312,6 @@ impl StandIn {
     /// Makes the current refresh token invalid (refreshes then get `invalid_grant`).
     pub fn revoke_refresh_token(&self) {
         self.state().refresh_token = random_token("rt-unknown");
-    }
-
-    /// The counters.
-    pub fn counters(&self) -> &Counters {
-        &self.shared.counters
     }
 
     /// Token requests received so far.
