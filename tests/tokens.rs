@@ -601,3 +601,22 @@ async fn a_refresh_token_sent_back_unchanged_keeps_its_age() {
         "a repeated refresh token is not a new one: its age must not restart"
     );
 }
+
+#[tokio::test]
+async fn a_token_revoked_again_after_a_retry_that_worked_is_refreshed_again() {
+    let s = setup(StandInOptions::default(), |_| {}).await;
+    let before = s.standin.token_requests();
+    // One client, one request at a time: the retry itself is the only proof
+    // that the new token works.
+    for round in 1..=3 {
+        s.standin.revoke_access_tokens();
+        let status = client()
+            .get(s.proxy.url("/x"))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 200, "round {round}");
+    }
+    assert_eq!(s.standin.token_requests() - before, 3);
+}

@@ -114,11 +114,16 @@ impl ProxyService {
             .await?;
         let retry = upstream_request(&parts, uri, &bearer, ProxyBody::full(replay));
         match self.send(retry).await? {
-            Verdict::Deliver(response) | Verdict::TokenRefused(response) => Ok(response),
+            Verdict::Deliver(response) => {
+                self.tokens.report_accepted(bearer.generation);
+                Ok(response)
+            }
+            Verdict::TokenRefused(response) => Ok(response),
         }
     }
 
-    /// The current token, or the next one within the wait.
+    /// The current token, or the next one within the wait. The fast path
+    /// only loads the snapshot; waiting sets up a notification first.
     async fn acquire(&self) -> Result<Bearer, ProxyError> {
         match self.tokens.current()? {
             Some(bearer) => Ok(bearer),
