@@ -76,6 +76,12 @@ pub struct DemoArgs {
     /// Rotate the refresh token every this many refreshes
     #[arg(long, default_value_t = 3, value_name = "N")]
     pub rotate_every: u64,
+    /// Forward to this API (loopback) instead of the stand-in's echo API
+    #[arg(long, value_name = "URL")]
+    pub upstream: Option<String>,
+    /// PEM file of extra root certificates for --upstream
+    #[arg(long, value_name = "PATH")]
+    pub upstream_ca_file: Option<PathBuf>,
 }
 
 /// Arguments of `run`.

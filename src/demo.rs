@@ -20,6 +20,11 @@ pub struct DemoOptions {
     pub token_lifetime: Duration,
     /// Rotate the refresh token every this many refreshes.
     pub rotate_every: u64,
+    /// Forward to this API instead of the stand-in's echo API (a local test
+    /// server, or a load benchmark's upstream); tokens still come from the stand-in.
+    pub upstream: Option<String>,
+    /// Extra PEM roots for that upstream.
+    pub upstream_ca_file: Option<std::path::PathBuf>,
 }
 
 /// Why the demo could not run.
@@ -53,7 +58,8 @@ pub async fn run(options: DemoOptions, shutdown: ShutdownSignal) -> Result<(), D
     let run_options = RunOptions {
         listen: Some(options.listen),
         admin_listen: Some(options.admin_listen),
-        upstream: Some(standin.api_url()),
+        upstream: Some(options.upstream.unwrap_or_else(|| standin.api_url())),
+        upstream_ca_file: options.upstream_ca_file,
         token_url: Some(standin.token_url()),
         client_id: Some(CLIENT_ID.to_owned()),
         state_file: Some(state_dir.join("state.json")),

@@ -93,6 +93,8 @@ fn demo(args: DemoArgs) -> ExitCode {
         admin_listen: args.admin_listen,
         token_lifetime: args.token_lifetime,
         rotate_every: args.rotate_every,
+        upstream: args.upstream,
+        upstream_ca_file: args.upstream_ca_file,
     };
     runtime().block_on(async move {
         let signal = shutdown::from_future(shutdown::os_signal());
