@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""Load benchmark: the cost of header injection, measured against nginx.
+
+An upstream (nginx, answering a small body) on loopback is loaded with wrk
+three ways, in turn, several rounds (A B C, A B C, ...), so that noise on a
+shared machine falls on all three alike:
+
+  direct  wrk -> upstream
+  proxy   wrk -> goto-auth-proxy (demo mode: stand-in token endpoint) -> upstream
+  nginx   wrk -> nginx injecting the same ~1.5 KB bearer header -> upstream
+
+Prints req/s, p50 and p99 latency and peak RSS for each, and the ratios of
+goto-auth-proxy to nginx. Also over TLS to the upstream (--tls).
+
+    python3 benches/load.py                      # plain upstream, 1/32/256 connections
+    python3 benches/load.py --tls --rounds 5     # TLS upstream (rustls vs nginx's OpenSSL)
+
+Needs wrk and nginx (Debian: apt-get install wrk nginx-light; the script
+installs them when run as root) and a release build (it runs cargo build).
+Everything binds to 127.0.0.1 and stops when the script ends.
+"""
+import argparse
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BODY = "ok\n"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_tools():
+    missing = [t for t in ("wrk", "nginx") if not shutil.which(t) and not os.path.exists(f"/usr/sbin/{t}")]
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        sys.exit(f"missing {', '.join(missing)}: apt-get install wrk nginx-light")
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "wrk", "nginx-light"],
+                   check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+
+
+def nginx_binary():
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def start_nginx(workdir, name, server_block, workers):
+    prefix = os.path.join(workdir, name)
+    os.makedirs(os.path.join(prefix, "logs"), exist_ok=True)
+    conf = os.path.join(prefix, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(f"""
+worker_processes {workers};
+pid {prefix}/nginx.pid;
+error_log {prefix}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    {server_block}
+}}
+""")
+    process = subprocess.Popen([nginx_binary(), "-p", prefix, "-c", conf, "-g", "daemon off;"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return process
+
+
+def wait_http(url, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except Exception:
+            time.sleep(0.1)
+    sys.exit(f"{url} did not answer")
+
+
+def peak_rss_kib(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1])
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def nginx_pids(master):
+    children = subprocess.run(["pgrep", "-P", str(master.pid)], capture_output=True, text=True).stdout.split()
+    return [master.pid] + [int(p) for p in children]
+
+
+def to_ms(value, unit):
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def run_wrk(url, connections, duration):
+    threads = min(2, connections)
+    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}", "--latency", url],
+                         capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p50 = to_ms(*re.search(r"50%\s+([\d.]+)(us|ms|s)", out).groups())
+    p99 = to_ms(*re.search(r"99%\s+([\d.]+)(us|ms|s)", out).groups())
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        sys.exit(f"{url}: {errors.group(1)} non-2xx answers:\n{out}")
+    return rps, p50, p99
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", default="10s")
+    parser.add_argument("--connections", default="1,32,256")
+    parser.add_argument("--tls", action="store_true", help="TLS between the proxies and the upstream")
+    args = parser.parse_args()
+    ensure_tools()
+    subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "goto-auth-proxy"], cwd=ROOT, check=True)
+
+    work = tempfile.mkdtemp(prefix="goto-load-")
+    processes = []
+    try:
+        up_port, ngx_port, gap_port, admin_port = (free_port() for _ in range(4))
+        certs = os.path.join(ROOT, "certs")
+        if args.tls:
+            listen = f"listen 127.0.0.1:{up_port} ssl; ssl_certificate {certs}/localhost.pem; " \
+                     f"ssl_certificate_key {certs}/localhost.key; http2 on;"
+            upstream_url = f"https://localhost:{up_port}"
+            backend = f"""upstream backend {{ server 127.0.0.1:{up_port}; keepalive 256; }}
+    server {{ listen 127.0.0.1:{ngx_port}; location / {{
+        proxy_pass https://backend; proxy_http_version 1.1; proxy_set_header Connection "";
+        proxy_ssl_trusted_certificate {certs}/test-ca.pem; proxy_ssl_verify on;
+        proxy_ssl_name localhost; proxy_ssl_server_name on; proxy_ssl_session_reuse on;
+        proxy_set_header Authorization "Bearer {'x' * 1500}"; }} }}"""
+        else:
+            listen = f"listen 127.0.0.1:{up_port};"
+            upstream_url = f"http://127.0.0.1:{up_port}"
+            backend = f"""upstream backend {{ server 127.0.0.1:{up_port}; keepalive 256; }}
+    server {{ listen 127.0.0.1:{ngx_port}; location / {{
+        proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";
+        proxy_set_header Authorization "Bearer {'x' * 1500}"; }} }}"""
+        upstream = start_nginx(work, "upstream", f"server {{ {listen} keepalive_requests 1000000; "
+                               f"location / {{ return 200 '{BODY.strip()}'; }} }}", 1)
+        processes.append(upstream)
+        nginx = start_nginx(work, "nginx", backend, 2)
+        processes.append(nginx)
+        command = [os.path.join(ROOT, "target/release/goto-auth-proxy"), "demo",
+                   "--listen", f"127.0.0.1:{gap_port}", "--admin-listen", f"127.0.0.1:{admin_port}",
+                   "--upstream", upstream_url, "--token-lifetime", "3600s"]
+        if args.tls:
+            command += ["--upstream-ca-file", os.path.join(certs, "test-ca.pem")]
+        proxy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 env={**os.environ, "RUST_LOG": "warn"})
+        processes.append(proxy)
+        wait_http(f"http://127.0.0.1:{admin_port}/readyz")
+        targets = {
+            "direct": f"{'https' if args.tls else 'http'}://127.0.0.1:{up_port}/bench",
+            "proxy": f"http://127.0.0.1:{gap_port}/bench",
+            "nginx": f"http://127.0.0.1:{ngx_port}/bench",
+        }
+        if args.tls:
+            # wrk to a TLS upstream would measure wrk's TLS; the direct baseline stays plain.
+            plain_port = free_port()
+            plain = start_nginx(work, "plain", f"server {{ listen 127.0.0.1:{plain_port}; "
+                                f"location / {{ return 200 '{BODY.strip()}'; }} }}", 1)
+            processes.append(plain)
+            targets["direct"] = f"http://127.0.0.1:{plain_port}/bench"
+        for url in targets.values():
+            wait_http(url)
+        idle_proxy_rss = peak_rss_kib([proxy.pid])
+
+        results = {}
+        connection_counts = [int(c) for c in args.connections.split(",")]
+        for round_number in range(1, args.rounds + 1):
+            for connections in connection_counts:
+                for name, url in targets.items():
+                    rps, p50, p99 = run_wrk(url, connections, args.duration)
+                    results.setdefault((connections, name), []).append((rps, p50, p99))
+                    print(f"round {round_number} c={connections:<4} {name:<7} {rps:>10.0f} req/s "
+                          f"p50 {p50:7.3f} ms  p99 {p99:7.3f} ms", flush=True)
+
+        print(f"\nupstream over {'TLS' if args.tls else 'plain HTTP'}; medians of {args.rounds} rounds of {args.duration}")
+        print(f"{'conns':>5} {'target':<7} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
+        for connections in connection_counts:
+            medians = {}
+            for name in targets:
+                runs = results[(connections, name)]
+                medians[name] = tuple(statistics.median(r[i] for r in runs) for i in range(3))
+                rps, p50, p99 = medians[name]
+                print(f"{connections:>5} {name:<7} {rps:>10.0f} {p50:>8.3f} {p99:>8.3f}")
+            proxy_m, nginx_m, direct_m = medians["proxy"], medians["nginx"], medians["direct"]
+            print(f"      goto-auth-proxy / nginx: req/s {proxy_m[0] / nginx_m[0]:.2f}x, "
+                  f"p99 {proxy_m[2] / nginx_m[2]:.2f}x; added p50 over direct: "
+                  f"proxy {proxy_m[1] - direct_m[1]:.3f} ms, nginx {nginx_m[1] - direct_m[1]:.3f} ms")
+        print(f"\npeak RSS: goto-auth-proxy {peak_rss_kib([proxy.pid]) / 1024:.1f} MiB "
+              f"(idle {idle_proxy_rss / 1024:.1f} MiB), nginx {peak_rss_kib(nginx_pids(nginx)) / 1024:.1f} MiB "
+              f"(master and workers)")
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
