@@ -1,35 +1,50 @@
-//! The request path's own work, without sockets: loading the token, building
-//! the upstream URI and request, rewriting headers. Run with `cargo bench`.
+//! Criterion benchmarks of the request path. Run with `cargo bench`.
+//!
+//! - `token_load` and `request_path`: the proxy's own work per request
+//!   without sockets (load the token, build the upstream URI and request,
+//!   rewrite headers);
+//! - `token_load_while_refreshing`: the same load while another thread
+//!   publishes new tokens as fast as it can (readers must never wait);
+//! - `round_trip/direct` and `round_trip/proxy`: one keep-alive request on
+//!   loopback to a minimal upstream, directly and through the proxy; the
+//!   difference is what the proxy adds.
 
+use std::convert::Infallible;
 use std::hint::black_box;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
-use goto_auth_proxy::config::{UpstreamUrl, DEFAULT_UPSTREAM};
+use goto_auth_proxy::app::{self, Listeners};
+use goto_auth_proxy::config::{RunOptions, UpstreamUrl, DEFAULT_UPSTREAM};
 use goto_auth_proxy::proxy::body::ProxyBody;
 use goto_auth_proxy::proxy::upstream::{Upstream, UpstreamOptions};
 use goto_auth_proxy::proxy::upstream_request;
+use goto_auth_proxy::shutdown;
+use goto_auth_proxy::standin::{StandIn, StandInOptions, CLIENT_ID, CLIENT_SECRET};
 use goto_auth_proxy::token::{AccessToken, Snapshot, TokenSource, TokenState};
 use http::Request;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::TokioIo;
 use secrecy::SecretString;
 
-/// A token source holding one 1.5 KB token, as GoTo's are.
-fn source() -> Arc<TokenSource> {
-    let source = Arc::new(TokenSource::new());
+/// A snapshot holding one 1.5 KB token, as GoTo's are.
+fn snapshot(generation: u64) -> Snapshot {
     let token = AccessToken::new(
         &SecretString::from("x".repeat(1500)),
         Duration::from_secs(3600),
     )
     .unwrap();
-    source.publish(Snapshot {
+    Snapshot {
         token: Some(token),
-        generation: 1,
+        generation,
         state: TokenState::Fresh,
         principal: None,
         refresh_token_since: None,
-    });
-    source
+    }
 }
 
 fn upstream() -> Upstream {
@@ -59,7 +74,8 @@ fn client_request() -> http::request::Parts {
 }
 
 fn request_path(c: &mut Criterion) {
-    let source = source();
+    let source = Arc::new(TokenSource::new());
+    source.publish(snapshot(1));
     let upstream = upstream();
     let parts = client_request();
     c.bench_function("token_load", |b| {
@@ -72,7 +88,115 @@ fn request_path(c: &mut Criterion) {
             black_box(upstream_request(&parts, uri, &bearer, ProxyBody::Empty))
         })
     });
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let (source, stop) = (source.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut generation = 1;
+            while !stop.load(Ordering::Relaxed) {
+                generation += 1;
+                source.publish(snapshot(generation));
+            }
+            generation
+        })
+    };
+    c.bench_function("token_load_while_refreshing", |b| {
+        b.iter(|| black_box(source.current().unwrap()))
+    });
+    stop.store(true, Ordering::Relaxed);
+    let published = publisher.join().unwrap();
+    eprintln!("(the publisher swapped in {published} tokens meanwhile)");
 }
 
-criterion_group!(benches, request_path);
+/// A minimal upstream on loopback answering every request with "ok".
+async fn minimal_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_request| async {
+                    Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A keep-alive HTTP/1.1 connection to `addr`.
+async fn connect(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+async fn get(sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>) {
+    sender.ready().await.unwrap();
+    let request = Request::get("/G2M/rest/meetings")
+        .header("host", "bench")
+        .body(Empty::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    black_box(response.into_body().collect().await.unwrap());
+}
+
+fn round_trip(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (upstream, proxy, _standin, _trigger) = runtime.block_on(async {
+        let upstream = minimal_upstream().await;
+        let standin = StandIn::start(StandInOptions::default()).await.unwrap();
+        let options = RunOptions {
+            listen: Some("127.0.0.1:0".into()),
+            admin_listen: Some("127.0.0.1:0".into()),
+            upstream: Some(format!("http://{upstream}")),
+            token_url: Some(standin.token_url()),
+            client_id: Some(CLIENT_ID.into()),
+            state_file: Some(
+                std::env::temp_dir().join(format!("goto-bench-{}.json", std::process::id())),
+            ),
+            ..RunOptions::default()
+        };
+        let refresh_token = standin.refresh_token();
+        let settings = options
+            .resolve(&|name| match name {
+                "GOTO_CLIENT_SECRET" => Some(CLIENT_SECRET.to_owned()),
+                "GOTO_REFRESH_TOKEN" => Some(refresh_token.clone()),
+                _ => None,
+            })
+            .unwrap();
+        let state_file = settings.state_file.clone();
+        let listeners = Listeners::bind(&settings).await.unwrap();
+        let proxy = listeners.proxy.local_addr().unwrap();
+        let (trigger, signal) = shutdown::channel();
+        tokio::spawn(app::run(settings, listeners, signal));
+        let mut sender = connect(proxy).await;
+        // The first request waits for the first token.
+        get(&mut sender).await;
+        let _ = std::fs::remove_file(state_file);
+        (upstream, proxy, standin, trigger)
+    });
+    let mut group = c.benchmark_group("round_trip");
+    for (name, addr) in [("direct", upstream), ("proxy", proxy)] {
+        let mut sender = runtime.block_on(connect(addr));
+        group.bench_function(name, |b| b.iter(|| runtime.block_on(get(&mut sender))));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, request_path, round_trip);
 criterion_main!(benches);
