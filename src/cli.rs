@@ -27,8 +27,24 @@ pub enum Command {
     Demo(DemoArgs),
     /// Get the first refresh token: sign in to GoTo in a browser, write the state file
     Login(Box<LoginArgs>),
+    /// Measure the latency the proxy adds, on this machine, against an in-process stand-in
+    Bench(BenchArgs),
     /// Show the state file: principal, access-token expiry, refresh-token age (never a token)
     Status(StatusArgs),
+}
+
+/// Arguments of `bench`.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Requests sent directly, and as many through the proxy
+    #[arg(long, default_value_t = 20_000, value_name = "N")]
+    pub requests: usize,
+    /// Connections sending at once
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub concurrency: usize,
+    /// Write an SVG plot of both latency distributions here
+    #[arg(long, value_name = "PATH")]
+    pub plot: Option<PathBuf>,
 }
 
 /// Arguments of `status`.

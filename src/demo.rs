@@ -40,8 +40,37 @@ pub enum DemoError {
     StateDir(std::io::Error),
 }
 
+/// A stand-in and the proxy's settings and listeners, ready for [`app::run`].
+pub struct Prepared {
+    /// The stand-in, serving until the last handle is dropped.
+    pub standin: std::sync::Arc<StandIn>,
+    /// The proxy's settings, made as `run` makes them.
+    pub settings: crate::config::Settings,
+    /// The proxy's bound listeners.
+    pub listeners: Listeners,
+    state_dir: std::path::PathBuf,
+}
+
+impl Prepared {
+    /// Runs the proxy until `shutdown` fires, then removes the demo's state.
+    pub async fn run(self, shutdown: ShutdownSignal) -> Result<(), StartError> {
+        let result = app::run(self.settings, self.listeners, shutdown).await;
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+        drop(self.standin);
+        result
+    }
+}
+
 /// Runs the demo until `shutdown` fires. Prints where to send requests on stdout.
 pub async fn run(options: DemoOptions, shutdown: ShutdownSignal) -> Result<(), DemoError> {
+    let (lifetime, rotate_every) = (options.token_lifetime, options.rotate_every);
+    let prepared = prepare(options).await?;
+    print_banner(&prepared.listeners, lifetime, rotate_every);
+    Ok(prepared.run(shutdown).await?)
+}
+
+/// Starts the stand-in and binds the proxy's listeners, wired as `run` wires them.
+pub async fn prepare(options: DemoOptions) -> Result<Prepared, DemoError> {
     let standin = StandIn::start(StandInOptions {
         shape: GrantShape {
             lifetime: options.token_lifetime,
@@ -73,10 +102,12 @@ pub async fn run(options: DemoOptions, shutdown: ShutdownSignal) -> Result<(), D
         _ => None,
     })?;
     let listeners = Listeners::bind(&settings).await?;
-    print_banner(&listeners, options.token_lifetime, options.rotate_every);
-    let result = app::run(settings, listeners, shutdown).await;
-    let _ = std::fs::remove_dir_all(&state_dir);
-    Ok(result?)
+    Ok(Prepared {
+        standin: std::sync::Arc::new(standin),
+        settings,
+        listeners,
+        state_dir,
+    })
 }
 
 fn print_banner(listeners: &Listeners, lifetime: Duration, rotate_every: u64) {

@@ -5,7 +5,8 @@ use std::time::SystemTime;
 
 use clap::Parser;
 use goto_auth_proxy::app::{self, Listeners};
-use goto_auth_proxy::cli::{Cli, Command, DemoArgs, LoginArgs, RunArgs, StatusArgs};
+use goto_auth_proxy::bench::BenchOptions;
+use goto_auth_proxy::cli::{BenchArgs, Cli, Command, DemoArgs, LoginArgs, RunArgs, StatusArgs};
 use goto_auth_proxy::config::{ConfigError, LogFormat, RunOptions, Settings};
 use goto_auth_proxy::demo::DemoOptions;
 use goto_auth_proxy::login::LoginOptions;
@@ -23,7 +24,27 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo(args),
         Command::Status(args) => status(args),
         Command::Login(args) => login(*args),
+        Command::Bench(args) => bench(args),
     }
+}
+
+fn bench(args: BenchArgs) -> ExitCode {
+    // Only warnings: the report is the output.
+    telemetry::init(LogFormat::Text, "warn");
+    let options = BenchOptions {
+        requests: args.requests.max(1),
+        concurrency: args.concurrency.max(1),
+        plot: args.plot,
+    };
+    runtime().block_on(async move {
+        match goto_auth_proxy::bench::run(options).await {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("goto-auth-proxy: bench failed: {error}");
+                ExitCode::FAILURE
+            }
+        }
+    })
 }
 
 fn login(args: LoginArgs) -> ExitCode {
@@ -31,7 +52,7 @@ fn login(args: LoginArgs) -> ExitCode {
         Ok(settings) => settings,
         Err(code) => return code,
     };
-    telemetry::init(settings.log_format);
+    telemetry::init(settings.log_format, "info");
     let options = LoginOptions {
         authorize_url: args.authorize_url,
         redirect_uri: args.redirect_uri,
@@ -87,7 +108,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn demo(args: DemoArgs) -> ExitCode {
-    telemetry::init(LogFormat::Text);
+    telemetry::init(LogFormat::Text, "info");
     let options = DemoOptions {
         listen: args.listen,
         admin_listen: args.admin_listen,
@@ -113,7 +134,7 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(settings) => settings,
         Err(code) => return code,
     };
-    telemetry::init(settings.log_format);
+    telemetry::init(settings.log_format, "info");
     runtime().block_on(async move {
         if args.check {
             return check(&settings).await;

@@ -341,3 +341,30 @@ async fn an_old_refresh_token_is_warned_about_in_the_log() {
     })
     .await;
 }
+
+#[test]
+fn bench_reports_the_added_latency_and_plots_both_distributions() {
+    let dir = tempfile::tempdir().unwrap();
+    let plot = dir.path().join("latency.svg");
+    let output = proxy_command()
+        .args(["bench", "--requests", "300", "--concurrency", "4", "--plot"])
+        .arg(&plot)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for row in ["direct", "proxy", "added"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(row) && l.contains("ms")),
+            "no {row} row:\n{stdout}"
+        );
+    }
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert_eq!(svg.matches("<polyline").count(), 2, "{svg}");
+}
