@@ -332,9 +332,10 @@ pub fn plot(direct: &Measurement, proxied: &Measurement) -> String {
         );
         let _ = writeln!(
             svg,
-            "<text x=\"{}\" y=\"{}\" fill=\"{colour}\">{name}: p50 {:.3} ms, p99 {:.3} ms</text>",
-            PAD + 10.0,
-            PAD + 16.0 + row * 16.0,
+            // The legend sits bottom right, where the curves have already risen.
+            "<text x=\"{}\" y=\"{}\" fill=\"{colour}\" text-anchor=\"end\">{name}: p50 {:.3} ms, p99 {:.3} ms</text>",
+            W - PAD,
+            H - PAD - 40.0 + row * 16.0,
             millis(measurement.percentile(0.5)),
             millis(measurement.percentile(0.99))
         );
