@@ -140,8 +140,9 @@ def main():
         up_port, ngx_port, gap_port, admin_port = (free_port() for _ in range(4))
         certs = os.path.join(ROOT, "certs")
         if args.tls:
-            listen = f"listen 127.0.0.1:{up_port} ssl; ssl_certificate {certs}/localhost.pem; " \
-                     f"ssl_certificate_key {certs}/localhost.key; http2 on;"
+            # `ssl http2` on the listen line: Debian 12's nginx 1.22 predates `http2 on;`.
+            listen = f"listen 127.0.0.1:{up_port} ssl http2; ssl_certificate {certs}/localhost.pem; " \
+                     f"ssl_certificate_key {certs}/localhost.key;"
             upstream_url = f"https://localhost:{up_port}"
             backend = f"""upstream backend {{ server 127.0.0.1:{up_port}; keepalive 256; }}
     server {{ listen 127.0.0.1:{ngx_port}; location / {{

@@ -113,3 +113,54 @@ async fn a_connection_reset_before_the_answer_is_502_and_during_it_cuts_the_body
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_upstream_rotating_its_connections_loses_no_request() {
+    let tls = (
+        std::fs::read(common::cert_path("localhost.pem")).unwrap(),
+        std::fs::read(common::cert_path("localhost.key")).unwrap(),
+    );
+    // Every connection says GOAWAY after 20 requests, as servers that rotate
+    // connections do (nginx after 1000); requests in flight on it are refused.
+    let options = StandInOptions {
+        tls: Some(tls),
+        close_connections_after: Some(20),
+        ..StandInOptions::default()
+    };
+    let s = setup(options, |o| {
+        o.upstream_ca_file = Some(common::cert_path("test-ca.pem"))
+    })
+    .await;
+    let workers: Vec<_> = (0..16)
+        .map(|worker| {
+            let url = s.proxy.url(&format!("/G2M/rest/meetings/{worker}"));
+            tokio::spawn(async move {
+                let client = client();
+                let mut statuses = Vec::new();
+                for _ in 0..40 {
+                    statuses.push(client.get(&url).send().await.unwrap().status().as_u16());
+                }
+                statuses
+            })
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for worker in workers {
+        failed.extend(
+            worker
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|status| *status != 200),
+        );
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of 640 requests failed: {failed:?}",
+        failed.len()
+    );
+    assert!(
+        s.standin.recorded_requests().len() >= 200,
+        "the API saw the requests"
+    );
+}

@@ -18,6 +18,10 @@ pub enum ProxyError {
     /// The upstream failed while the request or response was under way.
     #[error("the upstream connection failed: {0}")]
     UpstreamFailed(String),
+    /// The upstream refused the request before processing it (an HTTP/2
+    /// GOAWAY or REFUSED_STREAM): safe to send again.
+    #[error("the upstream closed the connection before taking the request: {0}")]
+    UpstreamUnprocessed(String),
     /// The upstream did not send response headers in time.
     #[error("the upstream did not answer within {0:?}")]
     UpstreamTimeout(std::time::Duration),
@@ -33,7 +37,9 @@ impl ProxyError {
                 (StatusCode::SERVICE_UNAVAILABLE, "token_unavailable")
             }
             ProxyError::UpstreamUnreachable(_) => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
-            ProxyError::UpstreamFailed(_) => (StatusCode::BAD_GATEWAY, "upstream_failed"),
+            ProxyError::UpstreamFailed(_) | ProxyError::UpstreamUnprocessed(_) => {
+                (StatusCode::BAD_GATEWAY, "upstream_failed")
+            }
             ProxyError::UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
         }

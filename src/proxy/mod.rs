@@ -20,6 +20,9 @@ use self::upstream::Upstream;
 use crate::metrics::Metrics;
 use crate::token::{Bearer, TokenSource};
 
+/// How many times one request is sent when the upstream keeps refusing it unprocessed.
+const UNPROCESSED_ATTEMPTS: usize = 4;
+
 /// The most of a 403 body read to look for GoToWebinar's `InvalidToken`.
 const FORBIDDEN_PEEK_LIMIT: usize = 64 * 1024;
 
@@ -89,8 +92,10 @@ impl ProxyService {
             Held::Whole(bytes) => (ProxyBody::full(bytes.clone()), Some(bytes)),
             Held::TooLarge(stream) => (stream, None),
         };
-        let request = upstream_request(&parts, uri.clone(), &bearer, first_body);
-        let refused = match self.send(request).await? {
+        let refused = match self
+            .deliver(&parts, &uri, &bearer, first_body, replay.as_ref())
+            .await?
+        {
             Verdict::Deliver(response) => {
                 self.tokens.report_accepted(bearer.generation);
                 return Ok(response);
@@ -112,8 +117,11 @@ impl ProxyService {
             .tokens
             .refreshed_after(bearer.generation, self.options.token_wait)
             .await?;
-        let retry = upstream_request(&parts, uri, &bearer, ProxyBody::full(replay));
-        match self.send(retry).await? {
+        let retry_body = ProxyBody::full(replay.clone());
+        match self
+            .deliver(&parts, &uri, &bearer, retry_body, Some(&replay))
+            .await?
+        {
             Verdict::Deliver(response) => {
                 self.tokens.report_accepted(bearer.generation);
                 Ok(response)
@@ -128,6 +136,37 @@ impl ProxyService {
         match self.tokens.current()? {
             Some(bearer) => Ok(bearer),
             None => Ok(self.tokens.acquire(self.options.token_wait).await?),
+        }
+    }
+
+    /// Sends the request; when the upstream refused it unprocessed (a server
+    /// rotating its HTTP/2 connections) and the body is at hand, sends it again
+    /// on another connection, a few times at most.
+    async fn deliver(
+        &self,
+        parts: &Parts,
+        uri: &Uri,
+        bearer: &Bearer,
+        body: ProxyBody,
+        replay: Option<&Bytes>,
+    ) -> Result<Verdict, ProxyError> {
+        let mut body = body;
+        let mut attempt = 1;
+        loop {
+            match self
+                .send(upstream_request(parts, uri.clone(), bearer, body))
+                .await
+            {
+                Err(ProxyError::UpstreamUnprocessed(reason)) if attempt < UNPROCESSED_ATTEMPTS => {
+                    let Some(bytes) = replay else {
+                        return Err(ProxyError::UpstreamUnprocessed(reason));
+                    };
+                    tracing::debug!(%reason, attempt, "upstream refused the request unprocessed; sending it again");
+                    body = ProxyBody::full(bytes.clone());
+                    attempt += 1;
+                }
+                other => return other,
+            }
         }
     }
 

@@ -92,8 +92,14 @@ impl Upstream {
         request: Request<ProxyBody>,
     ) -> Result<(Response<Incoming>, Duration), ProxyError> {
         let started = Instant::now();
+        let idempotent = request.method().is_idempotent();
         match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
             Ok(Ok(response)) => Ok((response, started.elapsed())),
+            Ok(Err(error))
+                if was_not_processed(&error) || (idempotent && never_dispatched(&error)) =>
+            {
+                Err(ProxyError::UpstreamUnprocessed(chain(&error)))
+            }
             Ok(Err(error)) if error.is_connect() => {
                 Err(ProxyError::UpstreamUnreachable(chain(&error)))
             }
@@ -101,4 +107,39 @@ impl Upstream {
             Err(_) => Err(ProxyError::UpstreamTimeout(self.response_timeout)),
         }
     }
+}
+
+/// Whether the upstream refused the request without processing it: an
+/// HTTP/2 GOAWAY without error (a server rotating its connections; RFC 9113
+/// §6.8 says such streams were not processed) or REFUSED_STREAM (§8.7).
+fn was_not_processed(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            return match h2.reason() {
+                Some(h2::Reason::REFUSED_STREAM) => true,
+                Some(h2::Reason::NO_ERROR) => h2.is_go_away() && h2.is_remote(),
+                _ => false,
+            };
+        }
+        source = cause.source();
+    }
+    false
+}
+
+/// Whether the client's connection task ended before it took the request
+/// (the connection closed under it, as after a GOAWAY). hyper says so only in
+/// its message; tests/upstream_faults.rs fails should that change. Whether the
+/// request reached the wire is not certain, so only idempotent ones count.
+fn never_dispatched(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(cause) = source {
+        if let Some(hyper) = cause.downcast_ref::<hyper::Error>() {
+            if hyper.to_string() == "dispatch task is gone" {
+                return true;
+            }
+        }
+        source = cause.source();
+    }
+    false
 }

@@ -171,6 +171,8 @@ pub struct StandInOptions {
     pub shape: GrantShape,
     /// Serve the token endpoint and the API over TLS with this PEM certificate chain and key.
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
+    /// Close each API connection gracefully after this many requests.
+    pub close_connections_after: Option<usize>,
 }
 
 impl StandIn {
@@ -212,12 +214,14 @@ impl StandIn {
                 tls.clone(),
                 shared.clone(),
                 Role::TokenEndpoint,
+                None,
             )),
             tokio::spawn(accept_loop(
                 api_listener,
                 tls.clone(),
                 shared.clone(),
                 Role::Api,
+                options.close_connections_after,
             )),
         ];
         Ok(Self {
@@ -400,41 +404,58 @@ async fn accept_loop(
     tls: Option<tokio_rustls::TlsAcceptor>,
     shared: Arc<Shared>,
     role: Role,
+    close_after: Option<usize>,
 ) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let shared = shared.clone();
-        let tls = tls.clone();
+        let (shared, tls) = (shared.clone(), tls.clone());
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                let shared = shared.clone();
-                async move {
-                    Ok::<_, Infallible>(match role {
-                        Role::TokenEndpoint => token_endpoint::handle(&shared, request).await,
-                        Role::Api => api::handle(&shared, request).await,
-                    })
-                }
-            });
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let _ = match tls {
-                Some(acceptor) => match acceptor.accept(stream).await {
-                    Ok(tls_stream) => {
-                        builder
-                            .serve_connection(TokioIo::new(tls_stream), service)
-                            .await
+            match tls {
+                Some(acceptor) => {
+                    if let Ok(stream) = acceptor.accept(stream).await {
+                        serve_connection(stream, shared, role, close_after).await;
                     }
-                    Err(_) => return,
-                },
-                None => {
-                    builder
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await
                 }
-            };
+                None => serve_connection(stream, shared, role, close_after).await,
+            }
         });
     }
+}
+
+/// Serves one connection; after `close_after` requests it closes gracefully
+/// (an HTTP/2 GOAWAY), as servers that rotate their connections do.
+async fn serve_connection<I>(io: I, shared: Arc<Shared>, role: Role, close_after: Option<usize>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let limit_reached = Arc::new(tokio::sync::Notify::new());
+    let service = {
+        let limit_reached = limit_reached.clone();
+        hyper::service::service_fn(move |request: Request<Incoming>| {
+            let shared = shared.clone();
+            let count = served.fetch_add(1, Ordering::SeqCst) + 1;
+            if close_after == Some(count) {
+                limit_reached.notify_one();
+            }
+            async move {
+                Ok::<_, Infallible>(match role {
+                    Role::TokenEndpoint => token_endpoint::handle(&shared, request).await,
+                    Role::Api => api::handle(&shared, request).await,
+                })
+            }
+        })
+    };
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => return,
+        () = limit_reached.notified() => connection.as_mut().graceful_shutdown(),
+    }
+    let _ = connection.await;
 }
 
 fn json(status: u16, value: &serde_json::Value) -> Response<ProxyBody> {
