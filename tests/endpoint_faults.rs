@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::process::{run_command, Running};
-use common::{cert_path, client, options_for, settings, start_proxy, wait_for, Proxy};
+use common::{cert_path, client, options_for, settings, start_proxy, status_of, wait_for, Proxy};
 use goto_auth_proxy::standin::{Fault, StandIn, StandInOptions};
 
 async fn proxy_for(
@@ -118,15 +118,7 @@ async fn an_untrusted_token_endpoint_certificate_is_a_failure_not_a_token() {
     );
     let response = client().get(proxy.url("/x")).send().await.unwrap();
     assert_eq!(response.status(), 503);
-    assert_eq!(
-        client()
-            .get(proxy.admin_url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        503
-    );
+    assert_eq!(status_of(proxy.admin_url("/readyz")).await, 503);
 }
 
 #[tokio::test]
@@ -139,7 +131,7 @@ async fn fifty_waiting_requests_do_not_multiply_token_requests() {
     let waiting: Vec<_> = (0..50)
         .map(|_| {
             let url = url.clone();
-            tokio::spawn(async move { client().get(url).send().await.unwrap().status().as_u16() })
+            tokio::spawn(async move { status_of(url).await.as_u16() })
         })
         .collect();
     for request in waiting {

@@ -7,7 +7,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
 
-use common::{client, setup, PATIENCE};
+use common::{client, setup, status_of, PATIENCE};
 use goto_auth_proxy::standin::StandInOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -99,15 +99,7 @@ async fn connection_rounds_leave_no_allocations_behind() {
         o.header_read_timeout = Some("1s".into())
     })
     .await;
-    assert_eq!(
-        client()
-            .get(s.proxy.url("/warm"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status_of(s.proxy.url("/warm")).await, 200);
     // Warm-up sizes the runtime's and hyper's caches and fills the stand-in's
     // ring of recorded requests (256 requests, each with a 1.7 KB token).
     for _ in 0..6 {

@@ -3,7 +3,7 @@
 mod common;
 
 use common::process::{proxy_command, Running};
-use common::{client, options_for, settings, start_proxy, wait_for};
+use common::{client, options_for, settings, start_proxy, status_of, wait_for};
 use goto_auth_proxy::standin::{StandIn, StandInOptions, CLIENT_ID, CLIENT_SECRET, PRINCIPAL};
 use goto_auth_proxy::store::FileStore;
 use secrecy::ExposeSecret;
@@ -108,10 +108,7 @@ async fn login_writes_the_state_file_and_run_starts_from_it() {
     // `run` with no bootstrap token at all starts from what login wrote.
     let proxy = start_proxy(settings(options_for(&standin, dir.path()), None)).await;
     proxy.wait_ready().await;
-    assert_eq!(
-        client().get(proxy.url("/x")).send().await.unwrap().status(),
-        200
-    );
+    assert_eq!(status_of(proxy.url("/x")).await, 200);
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{cert_path, client, setup, PATIENCE};
+use common::{cert_path, client, setup, status_of, PATIENCE};
 use goto_auth_proxy::standin::StandInOptions;
 use serde_json::Value;
 
@@ -264,15 +264,7 @@ async fn oversized_request_headers_get_431() {
         .unwrap();
     assert_eq!(response.status(), 431);
     // The proxy keeps serving.
-    assert_eq!(
-        client()
-            .get(s.proxy.url("/x"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status_of(s.proxy.url("/x")).await, 200);
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{client, options_for, settings, setup, start_proxy, wait_for, PATIENCE};
+use common::{client, options_for, settings, setup, start_proxy, status_of, wait_for, PATIENCE};
 use goto_auth_proxy::standin::{Fault, GrantShape, StandIn, StandInOptions};
 use goto_auth_proxy::store::FileStore;
 use secrecy::ExposeSecret;
@@ -135,15 +135,7 @@ async fn without_expires_in_the_jwt_exp_claim_sets_the_schedule() {
 #[tokio::test]
 async fn fifty_concurrent_requests_on_a_revoked_token_cause_exactly_one_refresh() {
     let s = setup(StandInOptions::default(), |_| {}).await;
-    assert_eq!(
-        client()
-            .get(s.proxy.url("/warm"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status_of(s.proxy.url("/warm")).await, 200);
     let before = s.standin.token_requests();
     s.standin.revoke_access_tokens();
     let barrier = Arc::new(tokio::sync::Barrier::new(50));
@@ -297,25 +289,14 @@ async fn a_rotated_refresh_token_is_persisted_and_a_restart_uses_it() {
 
     // A refusal forces a second refresh, and a second rotation.
     standin.revoke_access_tokens();
-    assert_eq!(
-        client().get(proxy.url("/x")).send().await.unwrap().status(),
-        200
-    );
+    assert_eq!(status_of(proxy.url("/x")).await, 200);
     assert_eq!(stored_refresh_token(dir.path()), standin.refresh_token());
     proxy.stop().await.unwrap();
 
     // Restart with the stale bootstrap token still configured: the state file wins.
     let restarted = start_proxy(settings(options_for(&standin, dir.path()), Some(bootstrap))).await;
     restarted.wait_ready().await;
-    assert_eq!(
-        client()
-            .get(restarted.url("/x"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status_of(restarted.url("/x")).await, 200);
     assert_eq!(stored_refresh_token(dir.path()), standin.refresh_token());
     let state = FileStore::new(dir.path().join("state.json"))
         .load_blocking()
@@ -464,10 +445,7 @@ async fn a_rejected_refresh_token_means_503_at_once_until_a_new_one_is_stored() 
         })
         .unwrap();
     proxy.wait_ready().await;
-    assert_eq!(
-        client().get(proxy.url("/x")).send().await.unwrap().status(),
-        200
-    );
+    assert_eq!(status_of(proxy.url("/x")).await, 200);
 }
 
 #[tokio::test]
@@ -482,10 +460,7 @@ async fn a_personal_access_token_is_used_instead_of_a_refresh_token() {
     };
     let proxy = start_proxy(options_for(&standin, dir.path()).resolve(&env).unwrap()).await;
     proxy.wait_ready().await;
-    assert_eq!(
-        client().get(proxy.url("/x")).send().await.unwrap().status(),
-        200
-    );
+    assert_eq!(status_of(proxy.url("/x")).await, 200);
     assert!(
         !dir.path().join("state.json").exists(),
         "a PAT has nothing to persist"
@@ -513,10 +488,7 @@ async fn a_state_file_that_cannot_be_written_is_loud_and_the_proxy_keeps_serving
     std::fs::remove_dir_all(&state_dir).unwrap();
     std::fs::write(&state_dir, b"").unwrap();
     standin.revoke_access_tokens();
-    assert_eq!(
-        client().get(proxy.url("/x")).send().await.unwrap().status(),
-        200
-    );
+    assert_eq!(status_of(proxy.url("/x")).await, 200);
     assert!(
         proxy
             .metric("goto_proxy_state_write_failures_total")
@@ -533,10 +505,7 @@ async fn a_state_file_that_cannot_be_written_is_loud_and_the_proxy_keeps_serving
             >= 2.0
     })
     .await;
-    assert_eq!(
-        client().get(proxy.url("/x")).send().await.unwrap().status(),
-        200
-    );
+    assert_eq!(status_of(proxy.url("/x")).await, 200);
 
     // Once the disk is back, the rotated token lands.
     std::fs::remove_file(&state_dir).unwrap();
@@ -610,12 +579,7 @@ async fn a_token_revoked_again_after_a_retry_that_worked_is_refreshed_again() {
     // that the new token works.
     for round in 1..=3 {
         s.standin.revoke_access_tokens();
-        let status = client()
-            .get(s.proxy.url("/x"))
-            .send()
-            .await
-            .unwrap()
-            .status();
+        let status = status_of(s.proxy.url("/x")).await;
         assert_eq!(status, 200, "round {round}");
     }
     assert_eq!(s.standin.token_requests() - before, 3);

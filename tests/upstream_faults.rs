@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{client, options_for, settings, setup, start_proxy};
+use common::{client, options_for, settings, setup, start_proxy, status_of};
 use goto_auth_proxy::standin::StandInOptions;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,15 +25,7 @@ async fn an_upstream_that_refuses_every_token_causes_no_refresh_storm() {
     // which points at scopes or the account, so no more refreshes follow.
     assert_eq!(s.standin.token_requests() - before, 1);
     s.standin.set_refuse_all(false);
-    assert_eq!(
-        client()
-            .get(s.proxy.url("/x"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status_of(s.proxy.url("/x")).await, 200);
 }
 
 #[tokio::test]
@@ -102,15 +94,7 @@ async fn a_connection_reset_before_the_answer_is_502_and_during_it_cuts_the_body
             assert_eq!(error["error"], "upstream_failed");
         }
         // Still serving.
-        assert_eq!(
-            client()
-                .get(proxy.admin_url("/healthz"))
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            200
-        );
+        assert_eq!(status_of(proxy.admin_url("/healthz")).await, 200);
     }
 }
 

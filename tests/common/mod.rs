@@ -179,3 +179,8 @@ pub fn client() -> reqwest::Client {
         .build()
         .unwrap()
 }
+
+/// The status of a plain GET to `url`.
+pub async fn status_of(url: impl reqwest::IntoUrl) -> reqwest::StatusCode {
+    client().get(url).send().await.unwrap().status()
+}
