@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::process::{run_command, Running};
-use common::{wait_for, PATIENCE};
+use common::{closed_by_the_proxy, stalled_connections, wait_for, PATIENCE};
 use goto_auth_proxy::standin::{StandIn, StandInOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -191,22 +191,8 @@ async fn thousands_of_idle_and_slow_connections_are_closed_and_memory_returns() 
 /// Opens `count` connections that never complete a request, checks the proxy
 /// serves others meanwhile, and that it closes every one by itself.
 async fn idle_round(addr: &str, count: usize) {
-    let mut idle = Vec::with_capacity(count);
-    for i in 0..count {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        match i % 3 {
-            // Says nothing at all.
-            0 => {}
-            // Starts a request head and never finishes it (slowloris).
-            1 => stream
-                .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
-                .await
-                .unwrap(),
-            // Starts the HTTP/2 preface and stalls.
-            _ => stream.write_all(b"PRI * HT").await.unwrap(),
-        }
-        idle.push(stream);
-    }
+    // Silent ones, slowloris heads, and HTTP/2 prefaces that stall.
+    let mut idle = stalled_connections(addr, count, b"PRI * HT").await;
     // A finished request on a kept-alive connection, then silence.
     let mut kept = TcpStream::connect(addr).await.unwrap();
     kept.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -217,11 +203,5 @@ async fn idle_round(addr: &str, count: usize) {
     assert!(String::from_utf8_lossy(&buffer[..read]).starts_with("HTTP/1.1 200"));
     idle.push(kept);
     still_serves(addr).await;
-    for mut stream in idle {
-        let mut rest = Vec::new();
-        tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest))
-            .await
-            .expect("the proxy closes an idle connection by itself")
-            .ok();
-    }
+    closed_by_the_proxy(idle).await;
 }

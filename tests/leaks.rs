@@ -7,10 +7,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
 
-use common::{client, setup, status_of, PATIENCE};
+use common::{client, closed_by_the_proxy, setup, stalled_connections, status_of};
 use goto_auth_proxy::standin::StandInOptions;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// Bytes allocated and not yet freed, by anyone in this process.
 static LIVE: AtomicIsize = AtomicIsize::new(0);
@@ -44,26 +42,8 @@ static ALLOCATOR: Counting = Counting;
 /// all closed again; then requests that go upstream one after another (so
 /// the upstream pool holds one connection, whatever the machine's load).
 async fn round(proxy: &common::Proxy, connections: usize) {
-    let mut held = Vec::new();
-    for i in 0..connections {
-        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
-        match i % 3 {
-            0 => {}
-            1 => stream
-                .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
-                .await
-                .unwrap(),
-            _ => stream.write_all(b"GARBAGE\r\n\r\n").await.unwrap(),
-        }
-        held.push(stream);
-    }
-    for mut stream in held {
-        let mut rest = Vec::new();
-        tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest))
-            .await
-            .expect("closed by the proxy")
-            .ok();
-    }
+    let held = stalled_connections(proxy.addr, connections, b"GARBAGE\r\n\r\n").await;
+    closed_by_the_proxy(held).await;
     for _ in 0..50 {
         let response = client()
             .post(proxy.url("/echo"))

@@ -43,6 +43,21 @@ async fn printed_authorize_url(running: &Running) -> reqwest::Url {
     reqwest::Url::parse(&url.unwrap()).unwrap()
 }
 
+/// The value of `name` in `url`'s query.
+fn query_param(url: &reqwest::Url, name: &str) -> String {
+    url.query_pairs()
+        .find(|(k, _)| k == name)
+        .unwrap()
+        .1
+        .into_owned()
+}
+
+/// `url` with its query replaced by `pairs`.
+fn with_query(mut url: reqwest::Url, pairs: &[(&str, &str)]) -> reqwest::Url {
+    url.query_pairs_mut().clear().extend_pairs(pairs);
+    url
+}
+
 /// Plays the browser: opens the consent page and follows its redirect back.
 async fn consent(
     authorize: reqwest::Url,
@@ -65,20 +80,13 @@ async fn login_writes_the_state_file_and_run_starts_from_it() {
     let state_file = dir.path().join("state.json");
     let mut running = login_command(&standin, &state_file, "http://127.0.0.1:0/callback", &[]);
     let authorize = printed_authorize_url(&running).await;
-    let query: Vec<(String, String)> = authorize.query_pairs().into_owned().collect();
-    let param = |name: &str| {
-        query
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-    };
-    assert_eq!(param("code_challenge_method").as_deref(), Some("S256"));
+    assert_eq!(query_param(&authorize, "code_challenge_method"), "S256");
     assert_eq!(
-        param("code_challenge").unwrap().len(),
+        query_param(&authorize, "code_challenge").len(),
         43,
         "base64url of a SHA-256 digest"
     );
-    assert!(param("state").unwrap().len() >= 16);
+    assert!(query_param(&authorize, "state").len() >= 16);
 
     let page = consent(authorize, |url| url).await;
     assert_eq!(page.status(), 200);
@@ -118,18 +126,9 @@ async fn a_denied_consent_is_a_clear_failure() {
     let state_file = dir.path().join("state.json");
     let mut running = login_command(&standin, &state_file, "http://127.0.0.1:0/callback", &[]);
     let authorize = printed_authorize_url(&running).await;
-    let page = consent(authorize, |mut url| {
-        let state = url
-            .query_pairs()
-            .find(|(k, _)| k == "state")
-            .unwrap()
-            .1
-            .into_owned();
-        url.query_pairs_mut()
-            .clear()
-            .append_pair("error", "access_denied")
-            .append_pair("state", &state);
-        url
+    let page = consent(authorize, |url| {
+        let state = query_param(&url, "state");
+        with_query(url, &[("error", "access_denied"), ("state", &state)])
     })
     .await;
     assert_eq!(page.status(), 200);
@@ -151,18 +150,9 @@ async fn a_redirect_with_a_wrong_state_is_refused() {
     let state_file = dir.path().join("state.json");
     let mut running = login_command(&standin, &state_file, "http://127.0.0.1:0/callback", &[]);
     let authorize = printed_authorize_url(&running).await;
-    let page = consent(authorize, |mut url| {
-        let code = url
-            .query_pairs()
-            .find(|(k, _)| k == "code")
-            .unwrap()
-            .1
-            .into_owned();
-        url.query_pairs_mut()
-            .clear()
-            .append_pair("code", &code)
-            .append_pair("state", "forged");
-        url
+    let page = consent(authorize, |url| {
+        let code = query_param(&url, "code");
+        with_query(url, &[("code", &code), ("state", "forged")])
     })
     .await;
     assert_eq!(page.status(), 400);

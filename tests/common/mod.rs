@@ -184,3 +184,40 @@ pub fn client() -> reqwest::Client {
 pub async fn status_of(url: impl reqwest::IntoUrl) -> reqwest::StatusCode {
     client().get(url).send().await.unwrap().status()
 }
+
+/// Opens `count` connections to `addr` that never complete a request: a
+/// third say nothing, a third start a request head and stall (slowloris),
+/// and a third send `third` and stall or wait for their answer.
+pub async fn stalled_connections(
+    addr: impl tokio::net::ToSocketAddrs + Copy,
+    count: usize,
+    third: &[u8],
+) -> Vec<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut streams = Vec::with_capacity(count);
+    for i in 0..count {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        match i % 3 {
+            0 => {}
+            1 => stream
+                .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap(),
+            _ => stream.write_all(third).await.unwrap(),
+        }
+        streams.push(stream);
+    }
+    streams
+}
+
+/// Waits until the proxy has closed every one of `streams` by itself.
+pub async fn closed_by_the_proxy(streams: Vec<tokio::net::TcpStream>) {
+    use tokio::io::AsyncReadExt;
+    for mut stream in streams {
+        let mut rest = Vec::new();
+        tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest))
+            .await
+            .expect("the proxy closes a connection that completes no request")
+            .ok();
+    }
+}
