@@ -3,11 +3,11 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::metrics::Metrics;
-use crate::proxy::body::ProxyBody;
+use crate::proxy::body::{response, ProxyBody};
 use crate::proxy::error::json_response;
 use crate::server::Handler;
 use crate::token::TokenSource;
@@ -34,21 +34,23 @@ impl AdminService {
             );
         }
         match request.uri().path() {
-            "/healthz" => text(StatusCode::OK, "ok\n", "text/plain"),
-            "/readyz" if self.tokens.is_ready() => text(StatusCode::OK, "ready\n", "text/plain"),
-            "/readyz" => text(
+            "/healthz" => response(StatusCode::OK, "text/plain", "ok\n"),
+            "/readyz" if self.tokens.is_ready() => {
+                response(StatusCode::OK, "text/plain", "ready\n")
+            }
+            "/readyz" => response(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "no valid access token\n",
                 "text/plain",
+                "no valid access token\n",
             ),
             "/metrics" => {
                 let rendered = self
                     .metrics
                     .render(&self.tokens.snapshot(), self.tokens.is_ready());
-                text(
+                response(
                     StatusCode::OK,
-                    rendered,
                     "text/plain; version=0.0.4; charset=utf-8",
+                    rendered,
                 )
             }
             _ => json_response(
@@ -58,19 +60,6 @@ impl AdminService {
             ),
         }
     }
-}
-
-fn text(
-    status: StatusCode,
-    body: impl Into<bytes::Bytes>,
-    content_type: &'static str,
-) -> Response<ProxyBody> {
-    let mut response = Response::new(ProxyBody::full(body.into()));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    response
 }
 
 impl Handler for AdminService {

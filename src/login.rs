@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use ring::rand::SecureRandom as _;
 use secrecy::SecretString;
@@ -281,13 +281,7 @@ impl Handler for RedirectHandler {
 
 fn page(status: StatusCode, text: &str) -> Response<ProxyBody> {
     let html = format!("<!doctype html><title>goto-auth-proxy login</title><p>{text}</p>\n");
-    let mut response = Response::new(ProxyBody::full(html));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    response
+    crate::proxy::body::response(status, "text/html; charset=utf-8", html)
 }
 
 async fn receive_code(

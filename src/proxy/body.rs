@@ -94,6 +94,21 @@ impl Body for ProxyBody {
     }
 }
 
+/// A response with `status`, a `Content-Type` and a body held in memory.
+pub fn response(
+    status: http::StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> http::Response<ProxyBody> {
+    let mut response = http::Response::new(ProxyBody::full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
 /// A body read into memory as far as a limit allows.
 #[derive(Debug)]
 pub enum Held {

@@ -55,12 +55,7 @@ impl ProxyError {
 /// A JSON error answer from the proxy itself.
 pub fn json_response(status: StatusCode, code: &str, message: &str) -> Response<ProxyBody> {
     let body = serde_json::json!({ "error": code, "message": message }).to_string();
-    let mut response = Response::new(ProxyBody::full(body));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    let mut response = super::body::response(status, "application/json", body);
     if status == StatusCode::SERVICE_UNAVAILABLE {
         response
             .headers_mut()

@@ -105,12 +105,7 @@ fn valid_token_number(shared: &Shared, headers: &http::HeaderMap) -> Option<u64>
 /// `count` bytes of a repeating pattern (byte `i` is `i % 251`).
 fn bytes_response(count: usize) -> Response<ProxyBody> {
     let body: Vec<u8> = (0..count).map(|i| (i % 251) as u8).collect();
-    let mut response = Response::new(ProxyBody::full(body));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/octet-stream"),
-    );
-    response
+    crate::proxy::body::response(http::StatusCode::OK, "application/octet-stream", body)
 }
 
 /// Shows what arrived: method, path, query, headers (the token by its number

@@ -459,12 +459,7 @@ where
 }
 
 fn json(status: u16, value: &serde_json::Value) -> Response<ProxyBody> {
-    let mut response = Response::new(ProxyBody::full(value.to_string()));
-    *response.status_mut() =
+    let status =
         http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    response
+    crate::proxy::body::response(status, "application/json", value.to_string())
 }

@@ -245,16 +245,11 @@ async fn play(fault: Fault) -> Response<ProxyBody> {
             );
             response
         }
-        Fault::Garbage => {
-            let mut response = Response::new(ProxyBody::full(
-                "<html><body>Service temporarily unavailable</body></html>",
-            ));
-            response.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/html"),
-            );
-            response
-        }
+        Fault::Garbage => crate::proxy::body::response(
+            http::StatusCode::OK,
+            "text/html",
+            "<html><body>Service temporarily unavailable</body></html>",
+        ),
         Fault::NoAccessToken => json(
             200,
             &serde_json::json!({"token_type": "Bearer", "expires_in": 3600}),
