@@ -20,6 +20,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use goto_auth_proxy::app::{self, Listeners};
 use goto_auth_proxy::config::{RunOptions, UpstreamUrl, DEFAULT_UPSTREAM};
+use goto_auth_proxy::metrics::Metrics;
 use goto_auth_proxy::proxy::body::ProxyBody;
 use goto_auth_proxy::proxy::upstream::{Upstream, UpstreamOptions};
 use goto_auth_proxy::proxy::upstream_request;
@@ -49,12 +50,15 @@ fn snapshot(generation: u64) -> Snapshot {
 
 fn upstream() -> Upstream {
     let url = UpstreamUrl::parse(DEFAULT_UPSTREAM, false).expect("default upstream");
-    Upstream::new(&UpstreamOptions {
-        url,
-        extra_roots_pem: None,
-        connect_timeout: Duration::from_secs(5),
-        response_timeout: Duration::from_secs(60),
-    })
+    Upstream::new(
+        &UpstreamOptions {
+            url,
+            extra_roots_pem: None,
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(60),
+        },
+        Arc::new(Metrics::new()),
+    )
     .expect("TLS set-up")
 }
 

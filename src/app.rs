@@ -138,12 +138,15 @@ pub async fn run(
         metrics.clone(),
         settings.refresh_margin,
     );
-    let upstream = Upstream::new(&UpstreamOptions {
-        url: settings.upstream.clone(),
-        extra_roots_pem: settings.extra_roots_pem.clone(),
-        connect_timeout: settings.connect_timeout,
-        response_timeout: settings.upstream_timeout,
-    })?;
+    let upstream = Upstream::new(
+        &UpstreamOptions {
+            url: settings.upstream.clone(),
+            extra_roots_pem: settings.extra_roots_pem.clone(),
+            connect_timeout: settings.connect_timeout,
+            response_timeout: settings.upstream_timeout,
+        },
+        metrics.clone(),
+    )?;
     let proxy = Arc::new(ProxyService::new(
         tokens.clone(),
         upstream,

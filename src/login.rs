@@ -271,8 +271,17 @@ impl RedirectHandler {
 }
 
 impl Handler for RedirectHandler {
+    type Connection = ();
+
+    fn open_connection(&self) {}
+
+    fn drive<'a>(&self, _connection: &'a ()) -> impl Future<Output = ()> + Send + 'a {
+        std::future::pending()
+    }
+
     fn handle(
         &self,
+        _connection: &(),
         request: Request<Incoming>,
     ) -> impl Future<Output = Response<ProxyBody>> + Send {
         std::future::ready(self.answer(&request))

@@ -30,6 +30,7 @@ pub struct Metrics {
     upstream_latency: Histogram,
     refreshes: Family<ResultLabel, Counter>,
     auth_retries: Counter,
+    upstream_connections: Counter,
     state_write_failures: Counter,
     expires_in: Gauge<f64, AtomicU64>,
     refresh_token_age: Gauge<f64, AtomicU64>,
@@ -79,6 +80,12 @@ impl Metrics {
             "Requests retried after upstream refused the token (401, or 403 InvalidToken)",
             auth_retries.clone(),
         );
+        let upstream_connections = Counter::default();
+        registry.register(
+            "goto_proxy_upstream_connections_opened",
+            "Connections opened to the upstream; a count that keeps climbing under steady load means churn",
+            upstream_connections.clone(),
+        );
         let state_write_failures = Counter::default();
         registry.register(
             "goto_proxy_state_write_failures",
@@ -109,6 +116,7 @@ impl Metrics {
             upstream_latency,
             refreshes,
             auth_retries,
+            upstream_connections,
             state_write_failures,
             expires_in,
             refresh_token_age,
@@ -138,6 +146,11 @@ impl Metrics {
     /// Counts a request retried after a token refusal.
     pub fn count_auth_retry(&self) {
         self.auth_retries.inc();
+    }
+
+    /// Counts a connection opened to the upstream.
+    pub fn count_upstream_connection(&self) {
+        self.upstream_connections.inc();
     }
 
     /// Counts a failed state write.

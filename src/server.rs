@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -25,19 +26,41 @@ const PREFACE_POLL: Duration = Duration::from_millis(10);
 
 /// Something that answers requests.
 pub trait Handler: Send + Sync + 'static {
-    /// Answers one request; errors are answers too.
+    /// What the handler keeps for the life of one client connection.
+    type Connection: Send + Sync + 'static;
+
+    /// State for a client connection that has just started to talk.
+    fn open_connection(&self) -> Self::Connection;
+
+    /// Work of the connection's own, polled beside it in its task (such as
+    /// an upstream connection bound to it); never completes.
+    fn drive<'a>(&self, connection: &'a Self::Connection) -> impl Future<Output = ()> + Send + 'a;
+
+    /// Answers one request arriving on `connection`; errors are answers too.
     fn handle(
         &self,
+        connection: &Self::Connection,
         request: Request<Incoming>,
     ) -> impl Future<Output = Response<ProxyBody>> + Send;
 }
 
 impl Handler for crate::proxy::ProxyService {
+    type Connection = crate::proxy::pool::Affinity;
+
+    fn open_connection(&self) -> Self::Connection {
+        crate::proxy::ProxyService::open_connection(self)
+    }
+
+    fn drive<'a>(&self, connection: &'a Self::Connection) -> impl Future<Output = ()> + Send + 'a {
+        connection.drive()
+    }
+
     fn handle(
         &self,
+        connection: &Self::Connection,
         request: Request<Incoming>,
     ) -> impl Future<Output = Response<ProxyBody>> + Send {
-        crate::proxy::ProxyService::handle(self, request)
+        crate::proxy::ProxyService::handle(self, connection, request)
     }
 }
 
@@ -101,14 +124,29 @@ async fn serve_client<H: Handler>(
         tracing::debug!(%peer, "closing a connection that sent no request in time");
         return;
     }
-    let service = hyper::service::service_fn(move |request| {
-        let handler = handler.clone();
-        async move { Ok::<_, Infallible>(handler.handle(request).await) }
+    let state = Arc::new(handler.open_connection());
+    let driver = handler.drive(&state);
+    let service = hyper::service::service_fn({
+        let state = state.clone();
+        move |request| {
+            let handler = handler.clone();
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(handler.handle(&state, request).await) }
+        }
     });
     let connection = builder
         .serve_connection(TokioIo::new(stream), service)
         .into_owned();
-    if let Err(error) = watcher.watch(connection).await {
+    let served = watcher.watch(connection);
+    let (mut served, mut driver) = (std::pin::pin!(served), std::pin::pin!(driver));
+    // The connection first: what it does (a request sent upstream) is then
+    // carried out by the driver in the same poll.
+    let result = std::future::poll_fn(|cx| match served.as_mut().poll(cx) {
+        Poll::Ready(result) => Poll::Ready(result),
+        Poll::Pending => driver.as_mut().poll(cx).map(|()| Ok(())),
+    })
+    .await;
+    if let Err(error) = result {
         tracing::debug!(%peer, error = %error, "client connection ended with an error");
     }
 }

@@ -4,6 +4,7 @@
 pub mod body;
 pub mod error;
 pub mod headers;
+pub mod pool;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use hyper::body::Incoming;
 
 use self::body::{read_up_to, Held, ProxyBody};
 use self::error::ProxyError;
+use self::pool::Affinity;
 use self::upstream::Upstream;
 use crate::metrics::Metrics;
 use crate::token::{Bearer, TokenSource};
@@ -68,9 +70,22 @@ impl ProxyService {
         }
     }
 
-    /// Answers one client request; never fails, errors become JSON answers.
-    pub async fn handle(&self, request: Request<Incoming>) -> Response<ProxyBody> {
-        let response = match self.forward(request).await {
+    /// State for a new client connection.
+    pub fn open_connection(&self) -> Affinity {
+        self.upstream.affinity()
+    }
+
+    /// Answers one client request arriving on the connection `affinity` was
+    /// opened for; never fails, errors become JSON answers.
+    pub async fn handle(
+        &self,
+        affinity: &Affinity,
+        request: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        // HTTP/2 streams of one client run side by side: they cannot share one
+        // bound HTTP/1 connection.
+        let affinity = (request.version() != Version::HTTP_2).then_some(affinity);
+        let response = match self.forward(affinity, request).await {
             Ok(response) => response,
             Err(error) => {
                 tracing::warn!(error = %error, "request failed in the proxy");
@@ -81,7 +96,11 @@ impl ProxyService {
         response
     }
 
-    async fn forward(&self, request: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn forward(
+        &self,
+        affinity: Option<&Affinity>,
+        request: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let (parts, body) = request.into_parts();
         let uri = self.upstream.uri_for(&parts.uri)?;
         let body = read_up_to(body, self.options.retry_body_limit)
@@ -93,7 +112,7 @@ impl ProxyService {
             Held::TooLarge(stream) => (stream, None),
         };
         let refused = match self
-            .deliver(&parts, &uri, &bearer, first_body, replay.as_ref())
+            .deliver(affinity, &parts, &uri, &bearer, first_body, replay.as_ref())
             .await?
         {
             Verdict::Deliver(response) => {
@@ -119,7 +138,7 @@ impl ProxyService {
             .await?;
         let retry_body = ProxyBody::full(replay.clone());
         match self
-            .deliver(&parts, &uri, &bearer, retry_body, Some(&replay))
+            .deliver(affinity, &parts, &uri, &bearer, retry_body, Some(&replay))
             .await?
         {
             Verdict::Deliver(response) => {
@@ -144,6 +163,7 @@ impl ProxyService {
     /// on another connection, a few times at most.
     async fn deliver(
         &self,
+        affinity: Option<&Affinity>,
         parts: &Parts,
         uri: &Uri,
         bearer: &Bearer,
@@ -154,7 +174,7 @@ impl ProxyService {
         let mut attempt = 1;
         loop {
             match self
-                .send(upstream_request(parts, uri.clone(), bearer, body))
+                .send(affinity, upstream_request(parts, uri.clone(), bearer, body))
                 .await
             {
                 Err(ProxyError::UpstreamUnprocessed(reason)) if attempt < UNPROCESSED_ATTEMPTS => {
@@ -170,8 +190,12 @@ impl ProxyService {
         }
     }
 
-    async fn send(&self, request: Request<ProxyBody>) -> Result<Verdict, ProxyError> {
-        let (response, elapsed) = self.upstream.send(request).await?;
+    async fn send(
+        &self,
+        affinity: Option<&Affinity>,
+        request: Request<ProxyBody>,
+    ) -> Result<Verdict, ProxyError> {
+        let (response, elapsed) = self.upstream.send(affinity, request).await?;
         self.metrics.observe_upstream(elapsed);
         let (mut parts, body) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
@@ -215,8 +239,8 @@ pub fn upstream_request(
     *request.uri_mut() = uri;
     // The pool picks HTTP/1.1 or HTTP/2 per connection; the client's version does not carry over.
     *request.version_mut() = Version::HTTP_11;
-    *request.headers_mut() = parts.headers.clone();
-    headers::rewrite_request_headers(request.headers_mut(), bearer.header.clone());
+    *request.headers_mut() =
+        headers::upstream_request_headers(&parts.headers, bearer.header.clone());
     request
 }
 

@@ -1,22 +1,23 @@
-//! The pooled client that carries requests to the upstream.
+//! The client that carries requests to the upstream.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http::header::HOST;
 use http::uri::{PathAndQuery, Uri};
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::body::ProxyBody;
 use super::error::{chain, ProxyError};
+use super::pool::{Affinity, Lease, Pool, SendError};
 use crate::config::UpstreamUrl;
+use crate::metrics::Metrics;
 use crate::tls::TlsError;
 
-/// How long an idle upstream connection is kept for reuse.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How many connections one request tries when each turns out closed before taking it.
+const STALE_CONNECTION_ATTEMPTS: usize = 3;
 
 /// Settings of the upstream client.
 #[derive(Clone, Debug)]
@@ -31,18 +32,21 @@ pub struct UpstreamOptions {
     pub response_timeout: Duration,
 }
 
-/// Sends requests to the upstream over pooled keep-alive connections,
-/// HTTP/2 where the upstream offers it by ALPN.
+/// Sends requests to the upstream: over the connection bound to the
+/// client's connection where there is one, HTTP/2 where the upstream offers
+/// it by ALPN (see [`pool`](super::pool)).
 #[derive(Clone, Debug)]
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    pool: Arc<Pool>,
     url: UpstreamUrl,
+    /// The `Host` header of HTTP/1 requests.
+    host: HeaderValue,
     response_timeout: Duration,
 }
 
 impl Upstream {
-    /// A client for `options.url`.
-    pub fn new(options: &UpstreamOptions) -> Result<Self, TlsError> {
+    /// A client for `options.url`; it counts the connections it opens in `metrics`.
+    pub fn new(options: &UpstreamOptions, metrics: Arc<Metrics>) -> Result<Self, TlsError> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -54,16 +58,26 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .build(connector);
+        let url = options.url.clone();
+        let target = Uri::builder()
+            .scheme(url.scheme.clone())
+            .authority(url.authority.clone())
+            .path_and_query("/")
+            .build()
+            .expect("a parsed upstream URL makes a valid URI");
+        let host = HeaderValue::from_str(url.authority.as_str())
+            .expect("a parsed authority is a valid header value");
         Ok(Self {
-            client,
-            url: options.url.clone(),
+            pool: Arc::new(Pool::new(connector, target, metrics)),
+            url,
+            host,
             response_timeout: options.response_timeout,
         })
+    }
+
+    /// State for a new client connection: its binding to an upstream connection.
+    pub fn affinity(&self) -> Affinity {
+        self.pool.affinity()
     }
 
     /// The upstream URI for a client's request URI: the base path joined with
@@ -85,26 +99,83 @@ impl Upstream {
             .map_err(|_| ProxyError::BadRequest("the request path is not valid".into()))
     }
 
-    /// Sends `request` and waits for the response headers, bounded by the
-    /// response timeout. Returns the time it took with the response.
+    /// Sends `request` (with an absolute URI, as [`Upstream::uri_for`] makes)
+    /// and waits for the response headers, bounded by the response timeout.
+    /// `affinity` is the client connection's binding; HTTP/2 client streams,
+    /// which run side by side, go without. Returns the time it took with the response.
     pub async fn send(
         &self,
+        affinity: Option<&Affinity>,
         request: Request<ProxyBody>,
     ) -> Result<(Response<Incoming>, Duration), ProxyError> {
         let started = Instant::now();
-        let idempotent = request.method().is_idempotent();
-        match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
-            Ok(Ok(response)) => Ok((response, started.elapsed())),
-            Ok(Err(error))
-                if was_not_processed(&error) || (idempotent && never_dispatched(&error)) =>
-            {
-                Err(ProxyError::UpstreamUnprocessed(chain(&error)))
-            }
-            Ok(Err(error)) if error.is_connect() => {
-                Err(ProxyError::UpstreamUnreachable(chain(&error)))
-            }
-            Ok(Err(error)) => Err(ProxyError::UpstreamFailed(chain(&error))),
+        // Pinned in place: `timeout` would otherwise move the whole exchange future.
+        let exchange = std::pin::pin!(self.exchange(affinity, request));
+        match tokio::time::timeout(self.response_timeout, exchange).await {
+            Ok(result) => result.map(|response| (response, started.elapsed())),
             Err(_) => Err(ProxyError::UpstreamTimeout(self.response_timeout)),
+        }
+    }
+
+    async fn exchange(
+        &self,
+        affinity: Option<&Affinity>,
+        mut request: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let absolute = request.uri().clone();
+        let idempotent = request.method().is_idempotent();
+        let mut attempt = 1;
+        loop {
+            let Lease { mut sender, reused } = self
+                .pool
+                .checkout(affinity)
+                .await
+                .map_err(|e| ProxyError::UpstreamUnreachable(chain(&e)))?;
+            self.address(&mut request, &absolute, sender.is_http2());
+            match sender.send(request).await {
+                Ok(response) => {
+                    self.pool.checkin(affinity, sender);
+                    return Ok(response);
+                }
+                // The connection closed while idle; the request never left.
+                Err(SendError::NotSent(back)) if attempt < STALE_CONNECTION_ATTEMPTS => {
+                    request = *back;
+                    attempt += 1;
+                }
+                Err(SendError::NotSent(_)) => {
+                    return Err(ProxyError::UpstreamFailed(
+                        "the upstream closed every connection before taking the request".into(),
+                    ))
+                }
+                // A reused HTTP/1 connection that closed before any answer is
+                // most likely the upstream's keep-alive timeout racing the
+                // request; RFC 9112 §9.3.1 allows idempotent ones to be sent again.
+                Err(SendError::Failed(error))
+                    if was_not_processed(&error)
+                        || (reused && idempotent && error.is_incomplete_message()) =>
+                {
+                    return Err(ProxyError::UpstreamUnprocessed(chain(&error)))
+                }
+                Err(SendError::Failed(error)) => {
+                    return Err(ProxyError::UpstreamFailed(chain(&error)))
+                }
+            }
+        }
+    }
+
+    /// HTTP/1 takes the origin form and a `Host` header; HTTP/2 the absolute
+    /// URI, from which hyper makes `:scheme` and `:authority`.
+    fn address(&self, request: &mut Request<ProxyBody>, absolute: &Uri, http2: bool) {
+        if http2 {
+            *request.uri_mut() = absolute.clone();
+            request.headers_mut().remove(HOST);
+        } else {
+            let origin = absolute
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            *request.uri_mut() = Uri::from(origin);
+            request.headers_mut().insert(HOST, self.host.clone());
         }
     }
 }
@@ -121,23 +192,6 @@ fn was_not_processed(error: &(dyn std::error::Error + 'static)) -> bool {
                 Some(h2::Reason::NO_ERROR) => h2.is_go_away() && h2.is_remote(),
                 _ => false,
             };
-        }
-        source = cause.source();
-    }
-    false
-}
-
-/// Whether the client's connection task ended before it took the request
-/// (the connection closed under it, as after a GOAWAY). hyper says so only in
-/// its message; tests/upstream_faults.rs fails should that change. Whether the
-/// request reached the wire is not certain, so only idempotent ones count.
-fn never_dispatched(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(error);
-    while let Some(cause) = source {
-        if let Some(hyper) = cause.downcast_ref::<hyper::Error>() {
-            if hyper.to_string() == "dispatch task is gone" {
-                return true;
-            }
         }
         source = cause.source();
     }

@@ -137,6 +137,8 @@ struct Counters {
     tokens_issued: AtomicU64,
     /// API requests refused for their token (401 or 403 InvalidToken).
     api_refusals: AtomicU64,
+    /// Connections accepted by the API.
+    api_connections: AtomicU64,
 }
 
 struct Shared {
@@ -333,6 +335,11 @@ impl StandIn {
         self.shared.counters.api_refusals.load(Ordering::SeqCst)
     }
 
+    /// Connections the API has accepted so far.
+    pub fn api_connections(&self) -> u64 {
+        self.shared.counters.api_connections.load(Ordering::SeqCst)
+    }
+
     /// The API requests received, oldest first (the last few hundred).
     pub fn recorded_requests(&self) -> Vec<RecordedRequest> {
         self.state().recorded.iter().cloned().collect()
@@ -410,6 +417,12 @@ async fn accept_loop(
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        if let Role::Api = role {
+            shared
+                .counters
+                .api_connections
+                .fetch_add(1, Ordering::SeqCst);
+        }
         let (shared, tls) = (shared.clone(), tls.clone());
         tokio::spawn(async move {
             match tls {

@@ -1,0 +1,411 @@
+//! Upstream connections, kept off the hot path.
+//!
+//! A shared pool consulted on every request costs a lock, a checkout and a
+//! task hand-off per request; nginx avoids that with per-worker caches. Here
+//! each HTTP/1 client connection is *bound* to one upstream HTTP/1
+//! connection: its requests come one at a time, so they reuse that
+//! connection without touching anything shared. When the client leaves, the
+//! connection goes to a small idle set for the next client, so clients that
+//! open a connection per request do not pay for a new upstream connection
+//! (and, to GoTo, a TLS handshake) each time.
+//!
+//! A bound connection opened for its client is also *driven* by that
+//! client's task, beside the client connection: a request and its response
+//! then cross no task boundary (no wake-up of another task, often on
+//! another thread, twice per request), as in nginx, where one worker
+//! serves both sockets.
+//!
+//! An upstream that offers HTTP/2 by ALPN gets one multiplexed connection
+//! shared by every client; each client connection keeps a clone of its
+//! sender, so here too a request touches nothing shared until the
+//! connection goes away. HTTP/2 client streams, which run side by side on
+//! one client connection, draw from the idle set (or the multiplexed
+//! connection) per request.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper_util::client::legacy::connect::{Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tower_service::Service;
+
+use super::body::ProxyBody;
+use crate::metrics::Metrics;
+
+/// Idle HTTP/1 connections kept for clients to come; more are closed.
+const MAX_IDLE: usize = 32;
+/// How long an idle connection is kept for reuse.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How often an HTTP/2 upstream connection is pinged, so one that died
+/// silently (a NAT or load balancer dropping it) is noticed and replaced.
+const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Why no connection to the upstream could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The TCP connection or the TLS handshake failed.
+    #[error("connecting to the upstream failed")]
+    Connect(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The HTTP handshake on a new connection failed.
+    #[error("the HTTP handshake with the upstream failed")]
+    Handshake(#[source] hyper::Error),
+}
+
+/// The task side of an upstream HTTP/1 connection: reads and writes its socket.
+type Http1Connection = http1::Connection<MaybeHttpsStream<TokioIo<TcpStream>>, ProxyBody>;
+
+/// A connection just opened.
+enum Opened {
+    /// HTTP/1.1: its connection still needs a task to drive it.
+    Http1(http1::SendRequest<ProxyBody>, Pin<Box<Http1Connection>>),
+    /// HTTP/2: already driven by a task of its own, shared.
+    Http2(http2::SendRequest<ProxyBody>),
+}
+
+/// A connection ready to take a request.
+pub(crate) enum Sender {
+    /// An HTTP/1.1 connection: one request at a time.
+    Http1(http1::SendRequest<ProxyBody>),
+    /// A handle to the shared HTTP/2 connection.
+    Http2(http2::SendRequest<ProxyBody>),
+}
+
+/// Why a request did not get an answer.
+pub(crate) enum SendError {
+    /// The connection was closed before it took the request; here it is back.
+    NotSent(Box<Request<ProxyBody>>),
+    /// The request was handed over and the exchange failed.
+    Failed(hyper::Error),
+}
+
+impl Sender {
+    /// Whether requests to this connection take the absolute URI (HTTP/2,
+    /// whose `:authority` comes from it) rather than the origin form.
+    pub(crate) fn is_http2(&self) -> bool {
+        matches!(self, Sender::Http2(_))
+    }
+
+    /// Waits until the connection can take a request; false once it is closed.
+    async fn ready(&mut self) -> bool {
+        match self {
+            Sender::Http1(sender) => sender.ready().await.is_ok(),
+            Sender::Http2(sender) => sender.ready().await.is_ok(),
+        }
+    }
+
+    /// Sends `request`, giving it back when the connection never took it.
+    pub(crate) async fn send(
+        &mut self,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let result = match self {
+            Sender::Http1(sender) => sender.try_send_request(request).await,
+            Sender::Http2(sender) => sender.try_send_request(request).await,
+        };
+        result.map_err(|mut error| match error.take_message() {
+            Some(request) => SendError::NotSent(Box::new(request)),
+            None => SendError::Failed(error.into_error()),
+        })
+    }
+}
+
+/// The upstream connection a client connection is bound to.
+pub struct Affinity {
+    pool: Arc<Pool>,
+    bound: Mutex<Option<Sender>>,
+    driven: Mutex<Driven>,
+}
+
+/// A bound connection driven by the client's task, and how to wake that task.
+#[derive(Default)]
+struct Driven {
+    connection: Option<Pin<Box<Http1Connection>>>,
+    waker: Option<Waker>,
+}
+
+impl std::fmt::Debug for Affinity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Affinity").finish_non_exhaustive()
+    }
+}
+
+impl Affinity {
+    /// Takes the bound connection out for one request (HTTP/2 handles are cloned).
+    fn take(&self) -> Option<Sender> {
+        let mut slot = lock(&self.bound);
+        match slot.as_ref() {
+            Some(Sender::Http2(sender)) => Some(Sender::Http2(sender.clone())),
+            _ => slot.take(),
+        }
+    }
+
+    /// Makes `connection` the client task's to drive.
+    fn drive_here(&self, connection: Pin<Box<Http1Connection>>) {
+        let mut driven = lock(&self.driven);
+        driven.connection = Some(connection);
+        if let Some(waker) = &driven.waker {
+            waker.wake_by_ref();
+        }
+    }
+
+    /// Drives the bound connection while it lives in the client's task; to be
+    /// polled beside the client connection. Never completes.
+    pub fn drive(&self) -> impl Future<Output = ()> + Send + '_ {
+        std::future::poll_fn(move |cx: &mut Context<'_>| {
+            let mut driven = lock(&self.driven);
+            if let Some(connection) = driven.connection.as_mut() {
+                // Ready means closed (the upstream hung up, or the sender is gone).
+                if connection.as_mut().poll(cx).is_ready() {
+                    driven.connection = None;
+                }
+            }
+            if !driven
+                .waker
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                driven.waker = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+    }
+}
+
+impl Drop for Affinity {
+    /// The client has gone: a bound connection that is free goes to the idle
+    /// set, driven from now on by a task of its own.
+    fn drop(&mut self) {
+        let sender = lock(&self.bound).take();
+        let connection = lock(&self.driven).connection.take();
+        let (Some(Sender::Http1(sender)), Ok(runtime)) =
+            (sender, tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        if let Some(connection) = connection {
+            runtime.spawn(connection);
+        }
+        self.pool.keep_when_ready(sender);
+    }
+}
+
+/// A connection lent out for one request.
+pub(crate) struct Lease {
+    /// The connection.
+    pub(crate) sender: Sender,
+    /// Whether it served requests before (and may have been closed by the upstream since).
+    pub(crate) reused: bool,
+}
+
+struct IdleConnection {
+    sender: http1::SendRequest<ProxyBody>,
+    since: Instant,
+}
+
+/// Opens upstream connections and keeps those worth keeping.
+pub struct Pool {
+    connector: HttpsConnector<HttpConnector>,
+    /// `scheme://authority` of the upstream, what the connector dials.
+    target: Uri,
+    idle: Mutex<Vec<IdleConnection>>,
+    multiplexed: Mutex<Option<http2::SendRequest<ProxyBody>>>,
+    /// Set once the upstream has chosen HTTP/2: connecting is then single-flight.
+    speaks_http2: AtomicBool,
+    connecting: tokio::sync::Mutex<()>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    /// A pool of connections to `target` (`scheme://authority`) made by `connector`.
+    pub fn new(
+        connector: HttpsConnector<HttpConnector>,
+        target: Uri,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            connector,
+            target,
+            idle: Mutex::new(Vec::new()),
+            multiplexed: Mutex::new(None),
+            speaks_http2: AtomicBool::new(false),
+            connecting: tokio::sync::Mutex::new(()),
+            metrics,
+        }
+    }
+
+    /// A binding for a new client connection; its upstream connection is made on first use.
+    pub fn affinity(self: &Arc<Self>) -> Affinity {
+        Affinity {
+            pool: self.clone(),
+            bound: Mutex::new(None),
+            driven: Mutex::new(Driven::default()),
+        }
+    }
+
+    /// A connection for one request: the bound one when the client connection
+    /// has one, else the multiplexed one, an idle one, or a new one.
+    pub(crate) async fn checkout(
+        &self,
+        affinity: Option<&Affinity>,
+    ) -> Result<Lease, ConnectError> {
+        if let Some(mut sender) = affinity.and_then(Affinity::take) {
+            // A bound HTTP/1 connection is ready again as soon as the previous
+            // response was read to the end, which it has been: the client sent this request.
+            if sender.ready().await {
+                return Ok(Lease {
+                    sender,
+                    reused: true,
+                });
+            }
+        }
+        if let Some(sender) = self.shared_http2() {
+            return Ok(Lease {
+                sender: Sender::Http2(sender),
+                reused: true,
+            });
+        }
+        if let Some(sender) = self.take_idle() {
+            return Ok(Lease {
+                sender: Sender::Http1(sender),
+                reused: true,
+            });
+        }
+        // Boxed: the connect future is large, and every request's future would
+        // carry (and move) its space although few requests connect.
+        let sender = match Box::pin(self.connect()).await? {
+            Opened::Http2(sender) => Sender::Http2(sender),
+            Opened::Http1(sender, connection) => {
+                match affinity {
+                    Some(affinity) => affinity.drive_here(connection),
+                    None => drop(tokio::spawn(connection)),
+                }
+                Sender::Http1(sender)
+            }
+        };
+        Ok(Lease {
+            sender,
+            reused: false,
+        })
+    }
+
+    /// Gives the connection back once its request has its response headers:
+    /// to the client connection it is bound to, or to the idle set when it is
+    /// free again (after the response body has been read).
+    pub(crate) fn checkin(self: &Arc<Self>, affinity: Option<&Affinity>, sender: Sender) {
+        match (affinity, sender) {
+            (Some(affinity), sender) => *lock(&affinity.bound) = Some(sender),
+            (None, Sender::Http2(_)) => {}
+            (None, Sender::Http1(sender)) => self.keep_when_ready(sender),
+        }
+    }
+
+    /// Keeps `sender` in the idle set once its response has been read to the
+    /// end; a connection that closes instead is let go.
+    fn keep_when_ready(self: &Arc<Self>, mut sender: http1::SendRequest<ProxyBody>) {
+        if sender.is_ready() {
+            return self.keep_idle(sender);
+        }
+        let pool = self.clone();
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                pool.keep_idle(sender);
+            }
+        });
+    }
+
+    fn keep_idle(&self, sender: http1::SendRequest<ProxyBody>) {
+        if !sender.is_ready() {
+            return;
+        }
+        let mut idle = lock(&self.idle);
+        idle.retain(|c| !c.sender.is_closed() && c.since.elapsed() < IDLE_TIMEOUT);
+        if idle.len() < MAX_IDLE {
+            idle.push(IdleConnection {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// The most recently used idle connection that is still open.
+    fn take_idle(&self) -> Option<http1::SendRequest<ProxyBody>> {
+        let mut idle = lock(&self.idle);
+        while let Some(connection) = idle.pop() {
+            if connection.sender.is_ready() && connection.since.elapsed() < IDLE_TIMEOUT {
+                return Some(connection.sender);
+            }
+        }
+        None
+    }
+
+    fn shared_http2(&self) -> Option<http2::SendRequest<ProxyBody>> {
+        let mut multiplexed = lock(&self.multiplexed);
+        match multiplexed.as_ref() {
+            Some(sender) if !sender.is_closed() => Some(sender.clone()),
+            Some(_) => {
+                *multiplexed = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Opens a connection. Once the upstream is known to speak HTTP/2, only
+    /// one is opened at a time and the others wait to share it.
+    async fn connect(&self) -> Result<Opened, ConnectError> {
+        let _single_flight = if self.speaks_http2.load(Ordering::Relaxed) {
+            let guard = self.connecting.lock().await;
+            if let Some(sender) = self.shared_http2() {
+                return Ok(Opened::Http2(sender));
+            }
+            Some(guard)
+        } else {
+            None
+        };
+        let mut connector = self.connector.clone();
+        let stream = connector
+            .call(self.target.clone())
+            .await
+            .map_err(ConnectError::Connect)?;
+        self.metrics.count_upstream_connection();
+        if stream.connected().is_negotiated_h2() {
+            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .keep_alive_interval(HTTP2_PING_INTERVAL)
+                .handshake(stream)
+                .await
+                .map_err(ConnectError::Handshake)?;
+            tokio::spawn(connection);
+            self.speaks_http2.store(true, Ordering::Relaxed);
+            *lock(&self.multiplexed) = Some(sender.clone());
+            return Ok(Opened::Http2(sender));
+        }
+        let (sender, connection) = http1::Builder::new()
+            .handshake(stream)
+            .await
+            .map_err(ConnectError::Handshake)?;
+        Ok(Opened::Http1(sender, Box::pin(connection)))
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The critical sections only move handles around; a panic cannot leave them half-done.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
