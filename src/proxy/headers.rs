@@ -17,30 +17,56 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::PROXY_AUTHENTICATE,
 ];
 
+/// Request headers the proxy sets itself or has dealt with: `Host` comes
+/// from the upstream URI, the client's own credentials never go upstream, and
+/// the proxy has already answered `Expect: 100-continue` by reading the body.
+const REPLACED: [HeaderName; 3] = [header::HOST, header::AUTHORIZATION, header::EXPECT];
+
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|list| list.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    // Found one at a time by a scan of the few names present, so that nothing
+    // is allocated to remember them and absent ones cost no hash lookup. What
+    // `Connection` names goes first, while `Connection` is still there to say it.
+    if headers.contains_key(header::CONNECTION) {
+        remove_each(headers, listed_in_connection);
+    }
+    remove_each(headers, |_, name| HOP_BY_HOP.contains(name));
+}
+
+fn remove_each(headers: &mut HeaderMap, doomed: impl Fn(&HeaderMap, &HeaderName) -> bool) {
+    while let Some(name) = headers.keys().find(|name| doomed(headers, name)).cloned() {
         headers.remove(name);
     }
 }
 
-/// Turns a client's request headers into the upstream's: hop-by-hop headers
-/// and the client's own credentials go, `Host` is left for the client to set
-/// from the upstream URI, and the proxy's `Authorization` goes in.
-pub fn rewrite_request_headers(headers: &mut HeaderMap, authorization: HeaderValue) {
-    strip_hop_by_hop(headers);
-    headers.remove(header::HOST);
-    // The proxy has already answered `Expect: 100-continue` by reading the body.
-    headers.remove(header::EXPECT);
-    // `insert` drops every `Authorization` the client sent, however many.
+/// The upstream's request headers made from a client's: hop-by-hop headers,
+/// `Host`, `Expect` and the client's own credentials are left out, and the
+/// proxy's `Authorization` goes in. One pass into a map of the right size,
+/// with room for the `Host` the upstream client adds.
+pub fn upstream_request_headers(client: &HeaderMap, authorization: HeaderValue) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(client.len() + 2);
+    let has_connection = client.contains_key(header::CONNECTION);
+    for (name, value) in client {
+        let dropped = HOP_BY_HOP.contains(name)
+            || REPLACED.contains(name)
+            || (has_connection && listed_in_connection(client, name));
+        if !dropped {
+            headers.append(name.clone(), value.clone());
+        }
+    }
     headers.insert(header::AUTHORIZATION, authorization);
+    headers
+}
+
+/// Whether the `Connection` header names `name` as hop-by-hop (RFC 9110 §7.6.1).
+fn listed_in_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
+    name != header::CONNECTION
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|list| list.split(','))
+            .any(|listed| listed.trim().eq_ignore_ascii_case(name.as_str()))
 }
 
 #[cfg(test)]
@@ -61,7 +87,7 @@ mod tests {
 
     #[test]
     fn request_headers_are_rewritten() {
-        let mut headers = map(&[
+        let headers = map(&[
             ("host", "proxy.local"),
             ("authorization", "Bearer client-own"),
             ("authorization", "Basic second"),
@@ -75,8 +101,10 @@ mod tests {
             ("expect", "100-continue"),
             ("accept", "application/json"),
             ("content-length", "3"),
+            ("x-repeated", "a"),
+            ("x-repeated", "b"),
         ]);
-        rewrite_request_headers(&mut headers, HeaderValue::from_static("Bearer proxy"));
+        let headers = upstream_request_headers(&headers, HeaderValue::from_static("Bearer proxy"));
         let names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(headers.get_all(header::AUTHORIZATION).iter().count(), 1);
         assert_eq!(headers[header::AUTHORIZATION], "Bearer proxy");
@@ -95,6 +123,23 @@ mod tests {
         }
         assert_eq!(headers[header::ACCEPT], "application/json");
         assert_eq!(headers[header::CONTENT_LENGTH], "3");
+        let repeated: Vec<_> = headers.get_all("x-repeated").iter().collect();
+        assert_eq!(repeated, ["a", "b"]);
+    }
+
+    #[test]
+    fn response_headers_lose_what_connection_names() {
+        let mut headers = map(&[
+            ("connection", "close, X-Trace"),
+            ("connection", "x-other"),
+            ("x-trace", "1"),
+            ("x-other", "2"),
+            ("keep-alive", "timeout=5"),
+            ("content-type", "application/json"),
+        ]);
+        strip_hop_by_hop(&mut headers);
+        let names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["content-type"]);
     }
 
     #[test]
