@@ -148,3 +148,37 @@ async fn an_http2_upstream_rotating_its_connections_loses_no_request() {
         "the API saw the requests"
     );
 }
+
+/// After a GOAWAY an HTTP/2 server refuses new streams but keeps the
+/// connection open until the streams under way end; requests arriving
+/// meanwhile must go to a new connection, not be refused again and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_after_a_goaway_go_to_a_new_connection_while_the_old_one_drains() {
+    let tls = (
+        std::fs::read(common::cert_path("localhost.pem")).unwrap(),
+        std::fs::read(common::cert_path("localhost.key")).unwrap(),
+    );
+    // Each connection says GOAWAY as soon as its first request arrives.
+    let options = StandInOptions {
+        tls: Some(tls),
+        close_connections_after: Some(1),
+        ..StandInOptions::default()
+    };
+    let s = setup(options, |o| {
+        o.upstream_ca_file = Some(common::cert_path("test-ca.pem"))
+    })
+    .await;
+    // A slow answer keeps the first connection open, draining, for 3 s.
+    let slow = tokio::spawn(client().get(s.proxy.url("/sleep/3000")).send());
+    common::wait_for("the slow request to reach the API", || async {
+        s.standin
+            .recorded_requests()
+            .iter()
+            .any(|r| r.path_and_query.starts_with("/sleep/"))
+    })
+    .await;
+    let response = client().get(s.proxy.url("/x")).send().await.unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    assert_eq!(slow.await.unwrap().unwrap().status(), 200);
+    assert_eq!(s.standin.api_connections(), 2);
+}

@@ -24,7 +24,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -40,6 +40,11 @@ use tower_service::Service;
 
 use super::body::ProxyBody;
 use crate::metrics::Metrics;
+
+/// The upstream's protocol, as learned by connecting.
+const UNKNOWN: u8 = 0;
+const HTTP1: u8 = 1;
+const HTTP2: u8 = 2;
 
 /// Idle HTTP/1 connections kept for clients to come; more are closed.
 const MAX_IDLE: usize = 32;
@@ -218,8 +223,8 @@ pub struct Pool {
     target: Uri,
     idle: Mutex<Vec<IdleConnection>>,
     multiplexed: Mutex<Option<http2::SendRequest<ProxyBody>>>,
-    /// Set once the upstream has chosen HTTP/2: connecting is then single-flight.
-    speaks_http2: AtomicBool,
+    /// What the upstream chose at the last connect ([`UNKNOWN`], [`HTTP1`] or [`HTTP2`]).
+    protocol: AtomicU8,
     connecting: tokio::sync::Mutex<()>,
     metrics: Arc<Metrics>,
 }
@@ -244,7 +249,7 @@ impl Pool {
             target,
             idle: Mutex::new(Vec::new()),
             multiplexed: Mutex::new(None),
-            speaks_http2: AtomicBool::new(false),
+            protocol: AtomicU8::new(UNKNOWN),
             connecting: tokio::sync::Mutex::new(()),
             metrics,
         }
@@ -367,10 +372,11 @@ impl Pool {
         }
     }
 
-    /// Opens a connection. Once the upstream is known to speak HTTP/2, only
-    /// one is opened at a time and the others wait to share it.
+    /// Opens a connection. Until the upstream is known to speak HTTP/1 only,
+    /// one is opened at a time: with HTTP/2 the others wait to share it (a
+    /// burst of first requests would otherwise open a connection each).
     async fn connect(&self) -> Result<Opened, ConnectError> {
-        let _single_flight = if self.speaks_http2.load(Ordering::Relaxed) {
+        let _single_flight = if self.protocol.load(Ordering::Relaxed) != HTTP1 {
             let guard = self.connecting.lock().await;
             if let Some(sender) = self.shared_http2() {
                 return Ok(Opened::Http2(sender));
@@ -393,7 +399,7 @@ impl Pool {
                 .await
                 .map_err(ConnectError::Handshake)?;
             tokio::spawn(connection);
-            self.speaks_http2.store(true, Ordering::Relaxed);
+            self.protocol.store(HTTP2, Ordering::Relaxed);
             *lock(&self.multiplexed) = Some(sender.clone());
             return Ok(Opened::Http2(sender));
         }
@@ -401,6 +407,7 @@ impl Pool {
             .handshake(stream)
             .await
             .map_err(ConnectError::Handshake)?;
+        self.protocol.store(HTTP1, Ordering::Relaxed);
         Ok(Opened::Http1(sender, Box::pin(connection)))
     }
 }
