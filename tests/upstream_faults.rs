@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{client, options_for, settings, setup, start_proxy, status_of};
+use common::{client, h2c_client, options_for, settings, setup, start_proxy, status_of};
 use goto_auth_proxy::standin::StandInOptions;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -119,7 +119,7 @@ async fn an_http2_upstream_rotating_its_connections_loses_no_request() {
         .map(|worker| {
             let url = s.proxy.url(&format!("/G2M/rest/meetings/{worker}"));
             tokio::spawn(async move {
-                let client = client();
+                let client = h2c_client();
                 let mut statuses = Vec::new();
                 for _ in 0..40 {
                     statuses.push(client.get(&url).send().await.unwrap().status().as_u16());
@@ -169,7 +169,8 @@ async fn requests_after_a_goaway_go_to_a_new_connection_while_the_old_one_drains
     })
     .await;
     // A slow answer keeps the first connection open, draining, for 3 s.
-    let slow = tokio::spawn(client().get(s.proxy.url("/sleep/3000")).send());
+    let client = h2c_client();
+    let slow = tokio::spawn(client.get(s.proxy.url("/sleep/3000")).send());
     common::wait_for("the slow request to reach the API", || async {
         s.standin
             .recorded_requests()
@@ -177,7 +178,7 @@ async fn requests_after_a_goaway_go_to_a_new_connection_while_the_old_one_drains
             .any(|r| r.path_and_query.starts_with("/sleep/"))
     })
     .await;
-    let response = client().get(s.proxy.url("/x")).send().await.unwrap();
+    let response = client.get(s.proxy.url("/x")).send().await.unwrap();
     assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
     assert_eq!(slow.await.unwrap().unwrap().status(), 200);
     assert_eq!(s.standin.api_connections(), 2);

@@ -32,9 +32,9 @@ pub struct UpstreamOptions {
     pub response_timeout: Duration,
 }
 
-/// Sends requests to the upstream: over the connection bound to the
-/// client's connection where there is one, HTTP/2 where the upstream offers
-/// it by ALPN (see [`pool`](super::pool)).
+/// Sends requests to the upstream: over the HTTP/1.1 connection bound to
+/// the client's connection where there is one, over a shared HTTP/2 one for
+/// HTTP/2 clients where the upstream offers it (see [`pool`](super::pool)).
 #[derive(Clone, Debug)]
 pub struct Upstream {
     pool: Arc<Pool>,
@@ -52,7 +52,12 @@ impl Upstream {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(options.connect_timeout));
         let tls = crate::tls::client_config(options.extra_roots_pem.as_deref())?;
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        let http1_connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls.clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http.clone());
+        let shared_connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
@@ -68,7 +73,12 @@ impl Upstream {
         let host = HeaderValue::from_str(url.authority.as_str())
             .expect("a parsed authority is a valid header value");
         Ok(Self {
-            pool: Arc::new(Pool::new(connector, target, metrics)),
+            pool: Arc::new(Pool::new(
+                http1_connector,
+                shared_connector,
+                target,
+                metrics,
+            )),
             url,
             host,
             response_timeout: options.response_timeout,

@@ -180,6 +180,16 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// A client that speaks HTTP/2 to the proxy (h2c, by prior knowledge):
+/// its requests share one multiplexed upstream connection.
+pub fn h2c_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap()
+}
+
 /// The status of a plain GET to `url`.
 pub async fn status_of(url: impl reqwest::IntoUrl) -> reqwest::StatusCode {
     client().get(url).send().await.unwrap().status()
