@@ -130,6 +130,7 @@ def main():
     parser.add_argument("--duration", default="10s")
     parser.add_argument("--connections", default="1,32,256")
     parser.add_argument("--tls", action="store_true", help="TLS between the proxies and the upstream")
+    parser.add_argument("--svg", metavar="FILE", help="also draw req/s and p99 per target as an SVG chart")
     args = parser.parse_args()
     ensure_tools()
     subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "goto-auth-proxy"], cwd=ROOT, check=True)
@@ -199,8 +200,9 @@ def main():
 
         print(f"\nupstream over {'TLS' if args.tls else 'plain HTTP'}; medians of {args.rounds} rounds of {args.duration}")
         print(f"{'conns':>5} {'target':<7} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
+        all_medians = {}
         for connections in connection_counts:
-            medians = {}
+            medians = all_medians.setdefault(connections, {})
             for name in targets:
                 runs = results[(connections, name)]
                 medians[name] = tuple(statistics.median(r[i] for r in runs) for i in range(3))
@@ -210,6 +212,10 @@ def main():
             print(f"      goto-auth-proxy / nginx: req/s {proxy_m[0] / nginx_m[0]:.2f}x, "
                   f"p99 {proxy_m[2] / nginx_m[2]:.2f}x; added p50 over direct: "
                   f"proxy {proxy_m[1] - direct_m[1]:.3f} ms, nginx {nginx_m[1] - direct_m[1]:.3f} ms")
+        if args.svg:
+            write_chart(args.svg, connection_counts, list(targets), all_medians,
+                        f"upstream over {'TLS' if args.tls else 'plain HTTP'}, medians of {args.rounds} rounds")
+            print(f"chart written to {args.svg}")
         print(f"\npeak RSS: goto-auth-proxy {peak_rss_kib([proxy.pid]) / 1024:.1f} MiB "
               f"(idle {idle_proxy_rss / 1024:.1f} MiB), nginx {peak_rss_kib(nginx_pids(nginx)) / 1024:.1f} MiB "
               f"(master and workers)")
@@ -222,6 +228,42 @@ def main():
             except subprocess.TimeoutExpired:
                 process.kill()
         shutil.rmtree(work, ignore_errors=True)
+
+
+COLOURS = {"direct": "#9e9e9e", "proxy": "#1565c0", "nginx": "#2e7d32"}
+
+
+def write_chart(path, connection_counts, names, medians, title):
+    """Two panels of grouped bars (req/s, p99 ms), one group per connection count."""
+    width, panel_height, top = 720, 220, 40
+    bar, gap, group_gap, left = 26, 4, 40, 70
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{top + 2 * (panel_height + 60)}" '
+             f'font-family="sans-serif" font-size="12">',
+             f'<text x="{left}" y="20" font-size="14">{title}</text>']
+    for legend_index, name in enumerate(names):
+        x = width - 260 + legend_index * 85
+        parts.append(f'<rect x="{x}" y="8" width="12" height="12" fill="{COLOURS[name]}"/>'
+                     f'<text x="{x + 16}" y="19">{"goto-auth-proxy" if name == "proxy" else name}</text>')
+    for panel, (label, index) in enumerate((("requests per second", 0), ("p99 latency, ms", 2))):
+        base = top + panel * (panel_height + 60) + panel_height
+        peak = max(medians[c][n][index] for c in connection_counts for n in names) or 1
+        parts.append(f'<text x="{left}" y="{base - panel_height - 6}">{label}</text>'
+                     f'<line x1="{left}" y1="{base}" x2="{width - 20}" y2="{base}" stroke="#333"/>')
+        for group, connections in enumerate(connection_counts):
+            x0 = left + 20 + group * (len(names) * (bar + gap) + group_gap + 60)
+            for position, name in enumerate(names):
+                value = medians[connections][name][index]
+                height = value / peak * (panel_height - 20)
+                x = x0 + position * (bar + gap)
+                shown = f"{value:.0f}" if index == 0 else f"{value:.2f}"
+                parts.append(f'<rect x="{x}" y="{base - height:.1f}" width="{bar}" height="{height:.1f}" '
+                             f'fill="{COLOURS[name]}"/><text x="{x + bar / 2}" y="{base - height - 3:.1f}" '
+                             f'font-size="9" text-anchor="middle">{shown}</text>')
+            parts.append(f'<text x="{x0 + len(names) * (bar + gap) / 2}" y="{base + 16}" '
+                         f'text-anchor="middle">{connections} conn.</text>')
+    parts.append("</svg>")
+    with open(path, "w") as f:
+        f.write("\n".join(parts) + "\n")
 
 
 if __name__ == "__main__":
