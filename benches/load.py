@@ -240,10 +240,11 @@ def write_chart(path, connection_counts, names, medians, title):
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{top + 2 * (panel_height + 60)}" '
              f'font-family="sans-serif" font-size="12">',
              f'<text x="{left}" y="20" font-size="14">{title}</text>']
+    legend_y = top + 2 * (panel_height + 60) - 25
     for legend_index, name in enumerate(names):
-        x = width - 260 + legend_index * 85
-        parts.append(f'<rect x="{x}" y="8" width="12" height="12" fill="{COLOURS[name]}"/>'
-                     f'<text x="{x + 16}" y="19">{"goto-auth-proxy" if name == "proxy" else name}</text>')
+        x = left + legend_index * 130
+        parts.append(f'<rect x="{x}" y="{legend_y}" width="12" height="12" fill="{COLOURS[name]}"/>'
+                     f'<text x="{x + 16}" y="{legend_y + 11}">{"goto-auth-proxy" if name == "proxy" else name}</text>')
     for panel, (label, index) in enumerate((("requests per second", 0), ("p99 latency, ms", 2))):
         base = top + panel * (panel_height + 60) + panel_height
         peak = max(medians[c][n][index] for c in connection_counts for n in names) or 1
