@@ -28,7 +28,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from load import ROOT, free_port, start_nginx, wait_http  # noqa: E402
+from load import ROOT, free_port, nginx_command, start_nginx, wait_http  # noqa: E402
 
 TOKEN = "x" * 1500
 
@@ -93,36 +93,20 @@ def main():
         processes.append(start_nginx(work, "upstream", f"server {{ listen 127.0.0.1:{up_port}; "
                                      f"keepalive_requests 1000000; location / {{ return 200 'ok'; }} }}", 1))
         wait_http(f"http://127.0.0.1:{up_port}/")
-        nginx_conf_dir = os.path.join(work, "nginx")
-        os.makedirs(os.path.join(nginx_conf_dir, "logs"), exist_ok=True)
-        nginx_conf = os.path.join(nginx_conf_dir, "nginx.conf")
-        with open(nginx_conf, "w") as f:
-            f.write(f"""
-worker_processes 1;
-pid {nginx_conf_dir}/nginx.pid;
-error_log {nginx_conf_dir}/logs/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {nginx_conf_dir}/body;
-    proxy_temp_path {nginx_conf_dir}/proxy;
-    upstream backend {{ server 127.0.0.1:{up_port}; keepalive 16; }}
+        nginx = nginx_command(
+            work, "nginx",
+            f"""upstream backend {{ server 127.0.0.1:{up_port}; keepalive 16; }}
     server {{ listen 127.0.0.1:{ngx_port}; location / {{
         proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";
-        proxy_set_header Authorization "Bearer {TOKEN}"; }} }}
-}}
-""")
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        proxy_set_header Authorization "Bearer {TOKEN}"; }} }}""",
+            1, directives="daemon off; master_process off;")
         results = {
             "goto-auth-proxy": measure(
                 "goto-auth-proxy",
                 [binary, "demo", "--listen", f"127.0.0.1:{gap_port}", "--admin-listen", f"127.0.0.1:{admin_port}",
                  "--upstream", f"http://127.0.0.1:{up_port}", "--token-lifetime", "3600s"],
                 f"http://127.0.0.1:{gap_port}/bench", work, args.seconds),
-            "nginx": measure(
-                "nginx",
-                [nginx, "-p", nginx_conf_dir, "-c", nginx_conf, "-g", "daemon off; master_process off;"],
-                f"http://127.0.0.1:{ngx_port}/bench", work, args.seconds),
+            "nginx": measure("nginx", nginx, f"http://127.0.0.1:{ngx_port}/bench", work, args.seconds),
         }
         print("user-space instructions per proxied request (callgrind, one keep-alive connection)")
         for name, (instructions, requests) in results.items():

@@ -55,7 +55,8 @@ def nginx_binary():
     return shutil.which("nginx") or "/usr/sbin/nginx"
 
 
-def start_nginx(workdir, name, server_block, workers):
+def nginx_command(workdir, name, server_block, workers, directives="daemon off;"):
+    """Writes an nginx configuration under `workdir`; returns the command that runs it."""
     prefix = os.path.join(workdir, name)
     os.makedirs(os.path.join(prefix, "logs"), exist_ok=True)
     conf = os.path.join(prefix, "nginx.conf")
@@ -72,9 +73,12 @@ http {{
     {server_block}
 }}
 """)
-    process = subprocess.Popen([nginx_binary(), "-p", prefix, "-c", conf, "-g", "daemon off;"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return process
+    return [nginx_binary(), "-p", prefix, "-c", conf, "-g", directives]
+
+
+def start_nginx(workdir, name, server_block, workers):
+    return subprocess.Popen(nginx_command(workdir, name, server_block, workers),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def wait_http(url, timeout=30):

@@ -163,24 +163,18 @@ async fn tls_upstream_with_a_private_ca() {
         o.upstream_ca_file = Some(cert_path("test-ca.pem"))
     })
     .await;
-    let response = client()
-        .get(s.proxy.url("/G2M/rest/organizers"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let echo: Value = response.json().await.unwrap();
     // An HTTP/1 client gets an HTTP/1.1 connection of its own, although the
     // stand-in offers h2 by ALPN; an HTTP/2 client shares an HTTP/2 one.
-    assert_eq!(echo["version"], "HTTP/1.1");
-    let response = common::h2c_client()
-        .get(s.proxy.url("/G2M/rest/organizers"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let echo: Value = response.json().await.unwrap();
-    assert_eq!(echo["version"], "HTTP/2.0");
+    for (client, upstream_version) in [(client(), "HTTP/1.1"), (common::h2c_client(), "HTTP/2.0")] {
+        let response = client
+            .get(s.proxy.url("/G2M/rest/organizers"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let echo: Value = response.json().await.unwrap();
+        assert_eq!(echo["version"], upstream_version);
+    }
 
     // Without the CA file the certificate is not trusted: 502, and no request
     // arrives. (Tokens come from a plain-http stand-in here, so the proxy is ready.)

