@@ -1,6 +1,5 @@
 //! The admin listener: liveness, readiness and Prometheus metrics.
 
-use std::future::Future;
 use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode};
@@ -9,7 +8,7 @@ use hyper::body::Incoming;
 use crate::metrics::Metrics;
 use crate::proxy::body::{response, ProxyBody};
 use crate::proxy::error::json_response;
-use crate::server::Handler;
+use crate::server::Answer;
 use crate::token::TokenSource;
 
 /// Answers `/healthz`, `/readyz` and `/metrics`.
@@ -24,7 +23,9 @@ impl AdminService {
     pub fn new(tokens: Arc<TokenSource>, metrics: Arc<Metrics>) -> Self {
         Self { tokens, metrics }
     }
+}
 
+impl Answer for AdminService {
     fn answer(&self, request: &Request<Incoming>) -> Response<ProxyBody> {
         if request.method() != Method::GET && request.method() != Method::HEAD {
             return json_response(
@@ -59,23 +60,5 @@ impl AdminService {
                 "try /healthz, /readyz or /metrics",
             ),
         }
-    }
-}
-
-impl Handler for AdminService {
-    type Connection = ();
-
-    fn open_connection(&self) {}
-
-    fn drive<'a>(&self, _connection: &'a ()) -> impl Future<Output = ()> + Send + 'a {
-        std::future::pending()
-    }
-
-    fn handle(
-        &self,
-        _connection: &(),
-        request: Request<Incoming>,
-    ) -> impl Future<Output = Response<ProxyBody>> + Send {
-        std::future::ready(self.answer(&request))
     }
 }

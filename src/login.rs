@@ -2,7 +2,6 @@
 //! authorization-code grant with PKCE (RFC 7636), received on a loopback
 //! redirect (RFC 8252) and written to the state file `run` starts from.
 
-use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,7 +15,7 @@ use tokio::sync::oneshot;
 
 use crate::config::Settings;
 use crate::proxy::body::ProxyBody;
-use crate::server::{serve, Handler, ServerOptions};
+use crate::server::{serve, Answer, ServerOptions};
 use crate::store::{FileStore, PersistedState, StoreError};
 use crate::token::endpoint::{unix_now, EndpointError, Grant};
 
@@ -221,7 +220,7 @@ struct RedirectHandler {
     outcome: Mutex<Option<oneshot::Sender<Callback>>>,
 }
 
-impl RedirectHandler {
+impl Answer for RedirectHandler {
     fn answer(&self, request: &Request<Incoming>) -> Response<ProxyBody> {
         if request.uri().path() != self.path {
             return page(StatusCode::NOT_FOUND, "Not the redirect path.");
@@ -267,24 +266,6 @@ impl RedirectHandler {
                 "This login has already been answered.",
             ),
         }
-    }
-}
-
-impl Handler for RedirectHandler {
-    type Connection = ();
-
-    fn open_connection(&self) {}
-
-    fn drive<'a>(&self, _connection: &'a ()) -> impl Future<Output = ()> + Send + 'a {
-        std::future::pending()
-    }
-
-    fn handle(
-        &self,
-        _connection: &(),
-        request: Request<Incoming>,
-    ) -> impl Future<Output = Response<ProxyBody>> + Send {
-        std::future::ready(self.answer(&request))
     }
 }
 

@@ -44,6 +44,31 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Response<ProxyBody>> + Send;
 }
 
+/// A handler that answers each request at once from the request alone and
+/// keeps nothing per connection (the admin listener, the login redirect).
+pub trait Answer: Send + Sync + 'static {
+    /// The answer to `request`.
+    fn answer(&self, request: &Request<Incoming>) -> Response<ProxyBody>;
+}
+
+impl<A: Answer> Handler for A {
+    type Connection = ();
+
+    fn open_connection(&self) {}
+
+    fn drive<'a>(&self, _connection: &'a ()) -> impl Future<Output = ()> + Send + 'a {
+        std::future::pending()
+    }
+
+    fn handle(
+        &self,
+        _connection: &(),
+        request: Request<Incoming>,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send {
+        std::future::ready(self.answer(&request))
+    }
+}
+
 impl Handler for crate::proxy::ProxyService {
     type Connection = crate::proxy::pool::Affinity;
 
