@@ -7,6 +7,7 @@ use http::header::HOST;
 use http::uri::{PathAndQuery, Uri};
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 
 use super::body::ProxyBody;
@@ -52,17 +53,8 @@ impl Upstream {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(options.connect_timeout));
         let tls = crate::tls::client_config(options.extra_roots_pem.as_deref())?;
-        let http1_connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls.clone())
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http.clone());
-        let shared_connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
+        let http1_connector = connector(http.clone(), tls.clone(), false);
+        let shared_connector = connector(http, tls, true);
         let url = options.url.clone();
         let target = Uri::builder()
             .scheme(url.scheme.clone())
@@ -188,6 +180,24 @@ impl Upstream {
             *request.uri_mut() = Uri::from(origin);
             request.headers_mut().insert(HOST, self.host.clone());
         }
+    }
+}
+
+/// A connector for https and http upstreams that offers HTTP/1.1 by ALPN,
+/// and HTTP/2 first when `offer_http2`.
+fn connector(
+    http: HttpConnector,
+    tls: rustls::ClientConfig,
+    offer_http2: bool,
+) -> HttpsConnector<HttpConnector> {
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1();
+    if offer_http2 {
+        builder.enable_http2().wrap_connector(http)
+    } else {
+        builder.wrap_connector(http)
     }
 }
 
