@@ -17,12 +17,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use goto_auth_proxy::app::{self, Listeners};
 use goto_auth_proxy::config::{RunOptions, UpstreamUrl, DEFAULT_UPSTREAM};
 use goto_auth_proxy::metrics::Metrics;
 use goto_auth_proxy::proxy::body::ProxyBody;
-use goto_auth_proxy::proxy::upstream::{Upstream, UpstreamOptions};
+use goto_auth_proxy::proxy::route::{Route, RoutePolicy, Router, RoutingTable};
+use goto_auth_proxy::proxy::upstream::{ConnectOptions, Pools, Upstream};
 use goto_auth_proxy::proxy::upstream_request;
 use goto_auth_proxy::shutdown;
 use goto_auth_proxy::standin::{StandIn, StandInOptions, CLIENT_ID, CLIENT_SECRET};
@@ -48,18 +49,27 @@ fn snapshot(generation: u64) -> Snapshot {
     }
 }
 
-fn upstream() -> Upstream {
+/// A router with the one route today's settings make, to the default upstream.
+fn router(tokens: Arc<TokenSource>) -> Router {
     let url = UpstreamUrl::parse(DEFAULT_UPSTREAM, false).expect("default upstream");
-    Upstream::new(
-        &UpstreamOptions {
-            url,
+    let pools = Pools::new(
+        &ConnectOptions {
             extra_roots_pem: None,
             connect_timeout: Duration::from_secs(5),
-            response_timeout: Duration::from_secs(60),
         },
         Arc::new(Metrics::new()),
     )
-    .expect("TLS set-up")
+    .expect("TLS set-up");
+    Router::new(RoutingTable::new([Route {
+        account: "default".into(),
+        tokens,
+        upstream: Upstream::new(url, &pools),
+        policy: RoutePolicy {
+            token_wait: Duration::from_secs(10),
+            retry_body_limit: 1024 * 1024,
+            upstream_timeout: Duration::from_secs(60),
+        },
+    }]))
 }
 
 /// A request as a typical API client sends it.
@@ -80,17 +90,22 @@ fn client_request() -> http::request::Parts {
 fn request_path(c: &mut Criterion) {
     let source = Arc::new(TokenSource::new());
     source.publish(snapshot(1));
-    let upstream = upstream();
+    let router = router(source.clone());
     let parts = client_request();
     c.bench_function("token_load", |b| {
         b.iter(|| black_box(source.current().unwrap()))
     });
     c.bench_function("request_path", |b| {
-        b.iter(|| {
-            let bearer = source.current().unwrap().unwrap();
-            let uri = upstream.uri_for(&parts.uri).unwrap();
-            black_box(upstream_request(&parts, uri, &bearer, ProxyBody::Empty))
-        })
+        b.iter_batched_ref(
+            || parts.clone(),
+            |parts| {
+                let route = router.route(parts).unwrap();
+                let bearer = route.tokens.current().unwrap().unwrap();
+                let uri = route.upstream.uri_for(&parts.uri).unwrap();
+                black_box(upstream_request(parts, uri, &bearer, ProxyBody::Empty))
+            },
+            BatchSize::SmallInput,
+        )
     });
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -183,7 +198,7 @@ fn round_trip(c: &mut Criterion) {
                 _ => None,
             })
             .unwrap();
-        let state_file = settings.state_file.clone();
+        let state_file = settings.default_account().state_file.clone();
         let listeners = Listeners::bind(&settings).await.unwrap();
         let proxy = listeners.proxy.local_addr().unwrap();
         let (trigger, signal) = shutdown::channel();

@@ -8,20 +8,33 @@ use hyper::body::Incoming;
 use crate::metrics::Metrics;
 use crate::proxy::body::{response, ProxyBody};
 use crate::proxy::error::json_response;
+use crate::proxy::route::Router;
 use crate::server::Answer;
-use crate::token::TokenSource;
+use crate::supervisor::Health;
 
 /// Answers `/healthz`, `/readyz` and `/metrics`.
 #[derive(Debug)]
 pub struct AdminService {
-    tokens: Arc<TokenSource>,
+    router: Arc<Router>,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
 }
 
 impl AdminService {
-    /// An admin service reporting on `tokens`.
-    pub fn new(tokens: Arc<TokenSource>, metrics: Arc<Metrics>) -> Self {
-        Self { tokens, metrics }
+    /// An admin service reporting on the accounts of `router`'s table and
+    /// on the process's `health`.
+    pub fn new(router: Arc<Router>, metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
+        Self {
+            router,
+            metrics,
+            health,
+        }
+    }
+
+    /// Whether every account holds a valid token.
+    fn is_ready(&self) -> bool {
+        let table = self.router.table();
+        !table.routes().is_empty() && table.routes().iter().all(|r| r.tokens.is_ready())
     }
 }
 
@@ -35,8 +48,15 @@ impl Answer for AdminService {
             );
         }
         match request.uri().path() {
-            "/healthz" => response(StatusCode::OK, "text/plain", "ok\n"),
-            "/readyz" if self.tokens.is_ready() => {
+            "/healthz" => match self.health.failure() {
+                None => response(StatusCode::OK, "text/plain", "ok\n"),
+                Some(why) => response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("failing: {why}\n"),
+                ),
+            },
+            "/readyz" if self.is_ready() => {
                 response(StatusCode::OK, "text/plain", "ready\n")
             }
             "/readyz" => response(
@@ -45,9 +65,9 @@ impl Answer for AdminService {
                 "no valid access token\n",
             ),
             "/metrics" => {
-                let rendered = self
-                    .metrics
-                    .render(&self.tokens.snapshot(), self.tokens.is_ready());
+                let table = self.router.table();
+                let snapshot = table.routes().first().map(|r| r.tokens.snapshot());
+                let rendered = self.metrics.render(snapshot.as_deref(), self.is_ready());
                 response(
                     StatusCode::OK,
                     "text/plain; version=0.0.4; charset=utf-8",

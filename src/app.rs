@@ -1,5 +1,6 @@
-//! Wiring: builds the token source, refresher, upstream client and both
-//! listeners from [`Settings`], and runs them until shutdown.
+//! Wiring: builds each account's token source, refresher and route, the
+//! router, the upstream pools and both listeners from [`Settings`], and
+//! runs them under supervision until shutdown.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,19 +9,24 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::admin::AdminService;
-use crate::config::{Bootstrap, Settings};
+use crate::config::{AccountSettings, Bootstrap, Settings};
 use crate::metrics::Metrics;
-use crate::proxy::upstream::{Upstream, UpstreamOptions};
-use crate::proxy::{ProxyOptions, ProxyService};
+use crate::proxy::route::{Route, RoutePolicy, Router, RoutingTable};
+use crate::proxy::upstream::{ConnectOptions, Pools, Upstream};
+use crate::proxy::ProxyService;
 use crate::server::{serve, ServerOptions};
 use crate::shutdown::ShutdownSignal;
-use crate::store::{FileStore, StateStore, StoreError};
+use crate::store::{StateStore, StoreError};
+use crate::supervisor::{Exit, Health, Supervisor};
 use crate::tls::TlsError;
 use crate::token::endpoint::unix_now;
 use crate::token::refresher::{Credential, Refresher};
 use crate::token::TokenSource;
 
-/// Why the proxy could not start.
+/// The admin listener serves probes and Prometheus: a few connections at most.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// Why the proxy could not start, or stopped on its own.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr} ({setting}): {source}")]
@@ -40,6 +46,8 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error("token endpoint client: {0}")]
     TokenClient(#[from] reqwest::Error),
+    #[error("{0}")]
+    TaskFailed(Exit),
 }
 
 /// The proxy's and the admin listener's sockets, bound before [`run`] so a
@@ -71,129 +79,191 @@ impl Listeners {
     }
 }
 
-/// The credential to start with: the state file's refresh token first, the
-/// bootstrap token as its fallback; or the PAT.
+/// The credential to start `account` with: the stored refresh token first,
+/// the bootstrap token as its fallback; or the PAT. With it, the stored
+/// version it was read from (0 when nothing is stored).
 pub async fn initial_credential(
-    settings: &Settings,
+    account: &AccountSettings,
     store: &dyn StateStore,
-) -> Result<Credential, StartError> {
-    let refresh = match &settings.bootstrap {
-        Bootstrap::Pat(pat) => return Ok(Credential::Pat(pat.value.clone())),
+) -> Result<(Credential, u64), StartError> {
+    let refresh = match &account.bootstrap {
+        Bootstrap::Pat(pat) => return Ok((Credential::Pat(pat.value.clone()), 0)),
         Bootstrap::RefreshToken(bootstrap) => Some(bootstrap.value.clone()),
         Bootstrap::None => None,
     };
     let stored = store.load().await?;
-    let stored_token = stored.as_ref().and_then(|s| {
-        s.refresh_token
-            .clone()
-            .map(|t| (t, s.refresh_token_first_seen))
+    let version = stored.as_ref().map_or(0, |s| s.version);
+    let stored_token = stored.and_then(|s| {
+        s.state
+            .refresh_token
+            .map(|t| (t, s.state.refresh_token_first_seen))
     });
-    match (stored_token, refresh) {
+    let credential = match (stored_token, refresh) {
         (Some((current, since)), bootstrap) => {
             use secrecy::ExposeSecret;
             let fallback = bootstrap.filter(|b| b.expose_secret() != current.expose_secret());
-            Ok(Credential::RefreshToken {
+            Credential::RefreshToken {
                 current,
                 since: since.unwrap_or_else(unix_now),
                 fallback,
-            })
+            }
         }
-        (None, Some(bootstrap)) => Ok(Credential::RefreshToken {
+        (None, Some(bootstrap)) => Credential::RefreshToken {
             current: bootstrap,
             since: unix_now(),
             fallback: None,
-        }),
-        (None, None) => Err(StartError::NoRefreshToken(settings.state_file.clone())),
-    }
+        },
+        (None, None) => return Err(StartError::NoRefreshToken(account.state_file.clone())),
+    };
+    Ok((credential, version))
 }
 
-/// Runs the proxy on `listeners` until `shutdown` fires, then drains and returns.
+/// Runs the proxy on `listeners` until `shutdown` fires, then drains and
+/// returns; or, when a background task ends on its own, drains and returns
+/// [`StartError::TaskFailed`].
 pub async fn run(
     settings: Settings,
     listeners: Listeners,
-    shutdown: ShutdownSignal,
+    mut shutdown: ShutdownSignal,
 ) -> Result<(), StartError> {
     let metrics = Arc::new(Metrics::new());
-    let tokens = Arc::new(TokenSource::new());
-    let store = Arc::new(FileStore::new(&settings.state_file));
-    match store.remove_leftovers() {
-        Ok(0) => {}
-        Ok(count) => tracing::info!(
-            count,
-            "removed temporary files an interrupted state write left behind"
-        ),
-        Err(error) => tracing::warn!(error = %error, "cannot clean up beside the state file"),
+    let health = Arc::new(Health::new());
+    let pools = Pools::new(
+        &ConnectOptions {
+            extra_roots_pem: settings.extra_roots_pem.clone(),
+            connect_timeout: settings.connect_timeout,
+        },
+        metrics.clone(),
+    )?;
+    let mut supervisor = Supervisor::new(health.clone());
+    // The refreshers outlive the drain: a request in flight may still need a refresh.
+    let (stop_refreshers, refreshers_signal) = crate::shutdown::channel();
+    let mut routes = Vec::with_capacity(settings.accounts.len());
+    for account in &settings.accounts {
+        let (route, refresher) = start_account(&settings, account, &pools, &metrics).await?;
+        supervisor.spawn(
+            format!("refresher of account {}", account.name),
+            refresher.run(refreshers_signal.clone()),
+        );
+        routes.push(route);
     }
-    let credential = initial_credential(&settings, store.as_ref()).await?;
-    let persist: Option<Arc<dyn StateStore>> = match credential {
-        Credential::Pat(_) => None,
-        Credential::RefreshToken { .. } => Some(store.clone()),
+    let router = Arc::new(Router::new(RoutingTable::new(routes)));
+    let proxy = Arc::new(ProxyService::new(router.clone(), metrics.clone()));
+    let admin = Arc::new(AdminService::new(router, metrics.clone(), health));
+    let server_options = ServerOptions {
+        header_read_timeout: settings.header_read_timeout,
+        max_header_bytes: settings.max_header_bytes,
+        drain_timeout: settings.drain_timeout,
+        max_connections: settings.max_connections,
     };
-    let endpoint = settings.token_endpoint()?;
+    log_start(&settings, &listeners);
+    let (stop_serving, serving_signal) = crate::shutdown::channel();
+    supervisor.spawn(
+        "admin listener",
+        serve(
+            "admin",
+            listeners.admin,
+            admin,
+            ServerOptions {
+                max_connections: ADMIN_MAX_CONNECTIONS,
+                ..server_options.clone()
+            },
+            metrics.clone(),
+            serving_signal.clone(),
+        ),
+    );
+    let serving = serve(
+        "proxy",
+        listeners.proxy,
+        proxy,
+        server_options,
+        metrics,
+        serving_signal,
+    );
+    let mut serving = std::pin::pin!(serving);
+    let mut drained = false;
+    let failure = tokio::select! {
+        () = shutdown.wait() => None,
+        exit = supervisor.failure() => Some(exit),
+        // The listener stops only when told to; should it ever end, stop too.
+        () = &mut serving => {
+            drained = true;
+            None
+        }
+    };
+    stop_serving.trigger();
+    if !drained {
+        serving.await;
+    }
+    stop_refreshers.trigger();
+    supervisor.join_all().await;
+    match failure {
+        None => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+        Some(exit) => Err(StartError::TaskFailed(exit)),
+    }
+}
+
+/// One account's route, and the refresher that keeps its token fresh.
+async fn start_account(
+    settings: &Settings,
+    account: &AccountSettings,
+    pools: &Pools,
+    metrics: &Arc<Metrics>,
+) -> Result<(Route, Refresher), StartError> {
+    let store = crate::store::open(&account.state_file);
+    let (credential, version) = initial_credential(account, store.as_ref()).await?;
+    let persist = match credential {
+        Credential::Pat(_) => None,
+        Credential::RefreshToken { .. } => Some((store, version)),
+    };
+    let tokens = Arc::new(TokenSource::new());
     let refresher = Refresher::new(
-        endpoint,
+        account.token_endpoint(settings)?,
         credential,
         persist,
         tokens.clone(),
         metrics.clone(),
         settings.refresh_margin,
     );
-    let upstream = Upstream::new(
-        &UpstreamOptions {
-            url: settings.upstream.clone(),
-            extra_roots_pem: settings.extra_roots_pem.clone(),
-            connect_timeout: settings.connect_timeout,
-            response_timeout: settings.upstream_timeout,
-        },
-        metrics.clone(),
-    )?;
-    let proxy = Arc::new(ProxyService::new(
-        tokens.clone(),
-        upstream,
-        metrics.clone(),
-        ProxyOptions {
+    let route = Route {
+        account: account.name.clone(),
+        tokens,
+        upstream: Upstream::new(account.upstream.clone(), pools),
+        policy: RoutePolicy {
             token_wait: settings.token_wait,
             retry_body_limit: settings.retry_body_limit,
+            upstream_timeout: settings.upstream_timeout,
         },
-    ));
-    let admin = Arc::new(AdminService::new(tokens, metrics));
-    let server_options = ServerOptions {
-        header_read_timeout: settings.header_read_timeout,
-        max_header_bytes: settings.max_header_bytes,
-        drain_timeout: settings.drain_timeout,
     };
-    log_start(&settings, &listeners);
-    // The refresher outlives the drain: a request in flight may still need a refresh.
-    let (stop_refresher, refresher_signal) = crate::shutdown::channel();
-    let refresher = tokio::spawn(refresher.run(refresher_signal));
-    let admin = tokio::spawn(serve(
-        "admin",
-        listeners.admin,
-        admin,
-        server_options.clone(),
-        shutdown.clone(),
-    ));
-    serve("proxy", listeners.proxy, proxy, server_options, shutdown).await;
-    stop_refresher.trigger();
-    let _ = tokio::join!(admin, refresher);
-    tracing::info!("stopped");
-    Ok(())
+    Ok((route, refresher))
 }
 
 fn log_start(settings: &Settings, listeners: &Listeners) {
     let address = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let default = settings.default_account();
     tracing::info!(
         listen = %address(&listeners.proxy),
-        upstream = %settings.upstream,
+        upstream = %default.upstream,
+        max_connections = settings.max_connections,
         "goto-auth-proxy {} forwarding; point API clients at http://{}",
         env!("CARGO_PKG_VERSION"),
         address(&listeners.proxy),
     );
+    for account in &settings.accounts {
+        tracing::info!(
+            account = %account.name,
+            upstream = %account.upstream,
+            token_url = %account.token_url,
+            client_id = %account.client.id,
+            state_file = %account.state_file.display(),
+            "account configured; waiting for its first access token"
+        );
+    }
     tracing::info!(
         admin = %address(&listeners.admin),
-        token_url = %settings.token_url,
-        client_id = %settings.client.id,
-        state_file = %settings.state_file.display(),
-        "admin endpoints /healthz /readyz /metrics; waiting for the first access token"
+        "admin endpoints /healthz /readyz /metrics"
     );
 }

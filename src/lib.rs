@@ -22,6 +22,7 @@ pub mod shutdown;
 pub mod standin;
 pub mod status;
 pub mod store;
+pub mod supervisor;
 pub mod telemetry;
 pub mod tls;
 pub mod token;

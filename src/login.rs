@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use crate::config::Settings;
 use crate::proxy::body::ProxyBody;
 use crate::server::{serve, Answer, ServerOptions};
-use crate::store::{FileStore, PersistedState, StoreError};
+use crate::store::{LeaseGrant, PersistedState, SaveError, StateStore, StoreError};
 use crate::token::endpoint::{unix_now, EndpointError, Grant};
 
 /// GoTo's authorization (consent) endpoint.
@@ -98,7 +98,7 @@ pub async fn login(
     let verifier = random_string(48);
     let authorize_url = authorize_url(
         &options.authorize_url,
-        &settings.client.id,
+        &settings.default_account().client.id,
         &redirect_uri,
         &state,
         &verifier,
@@ -115,7 +115,8 @@ pub async fn login(
         options.timeout,
     )
     .await?;
-    let endpoint = settings.token_endpoint()?;
+    let account = settings.default_account();
+    let endpoint = account.token_endpoint(settings)?;
     let grant = endpoint
         .request(&Grant::AuthorizationCode {
             code,
@@ -129,21 +130,44 @@ pub async fn login(
         refresh_token: Some(refresh_token),
         refresh_token_first_seen: Some(now),
         principal: grant.principal,
+        access_token: Some(grant.access_token),
         access_token_expires_at: Some(now + grant.lifetime.as_secs()),
         updated_at: now,
     };
-    let store = FileStore::new(&settings.state_file);
-    let to_save = persisted.clone();
-    let saving = store.clone();
-    tokio::task::spawn_blocking(move || saving.save_blocking(&to_save))
-        .await
-        .expect("the state file task does not panic")?;
+    let store = crate::store::open(&account.state_file);
+    save_over_whatever_is_stored(store.as_ref(), &persisted).await?;
     println!(
-        "\nSigned in as {}. The refresh token is saved in {} (mode 0600);\n`goto-auth-proxy run` starts from it, and a proxy whose refresh token was rejected picks it up on its own.",
+        "\nSigned in as {}. The refresh token is saved in {} (mode 0600);\n`goto-auth-proxy run` starts from it, and a running proxy picks it up on its own.",
         persisted.principal.as_deref().unwrap_or("(principal not named)"),
-        store.path().display()
+        store.location()
     );
     Ok(persisted)
+}
+
+/// Saves `state` as the newest: a fresh sign-in supersedes any stored
+/// state, so a conflict only means saving again on top of the newer version.
+async fn save_over_whatever_is_stored(
+    store: &dyn StateStore,
+    state: &PersistedState,
+) -> Result<(), StoreError> {
+    let mut based_on = store.load().await?.map_or(0, |stored| stored.version);
+    loop {
+        let lease = match store.lease().await? {
+            LeaseGrant::Held(lease) => lease,
+            // A proxy is refreshing; its save lands first, then this one on top.
+            LeaseGrant::Elsewhere => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let saved = store.save(state.clone(), based_on, &lease).await;
+        store.release(lease).await;
+        match saved {
+            Ok(_) => return Ok(()),
+            Err(SaveError::Conflict(newer)) => based_on = newer.version,
+            Err(SaveError::Store(error)) => return Err(error),
+        }
+    }
 }
 
 /// Binds the loopback redirect address; port 0 takes a free port (for tests).
@@ -292,8 +316,18 @@ async fn receive_code(
         max_header_bytes: 64 * 1024,
         // Long enough for the browser to get its page after the answer.
         drain_timeout: Duration::from_secs(2),
+        // One browser, which may open a few connections.
+        max_connections: 16,
     };
-    let server = tokio::spawn(serve("login redirect", listener, handler, options, signal));
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let server = tokio::spawn(serve(
+        "login redirect",
+        listener,
+        handler,
+        options,
+        metrics,
+        signal,
+    ));
     let outcome = tokio::time::timeout(timeout, receiver).await;
     trigger.trigger();
     let _ = server.await;

@@ -11,7 +11,6 @@ use goto_auth_proxy::config::{ConfigError, LogFormat, RunOptions, Settings};
 use goto_auth_proxy::demo::DemoOptions;
 use goto_auth_proxy::login::LoginOptions;
 use goto_auth_proxy::status::Verdict;
-use goto_auth_proxy::store::FileStore;
 use goto_auth_proxy::{shutdown, telemetry};
 
 /// Exit status for a configuration error (EX_USAGE of sysexits.h).
@@ -81,6 +80,8 @@ fn resolve(options: Result<RunOptions, ConfigError>) -> Result<Settings, ExitCod
 }
 
 fn status(args: StatusArgs) -> ExitCode {
+    // Warnings (a state file others can read) go to stderr; the report is the output.
+    telemetry::init(LogFormat::Text, "warn");
     let path = match args.state_file(&|name| std::env::var(name).ok()) {
         Ok(path) => path,
         Err(error) => {
@@ -88,16 +89,20 @@ fn status(args: StatusArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let state = match FileStore::new(&path).load_blocking() {
-        Ok(state) => state,
-        Err(error) => {
-            eprintln!("goto-auth-proxy: {error}");
-            return ExitCode::from(Verdict::Missing.exit_code());
-        }
-    };
-    let (text, verdict) = goto_auth_proxy::status::report(&path, state.as_ref(), SystemTime::now());
-    print!("{text}");
-    ExitCode::from(verdict.exit_code())
+    runtime().block_on(async move {
+        let store = goto_auth_proxy::store::open(&path);
+        let state = match store.load().await {
+            Ok(state) => state.map(|stored| stored.state),
+            Err(error) => {
+                eprintln!("goto-auth-proxy: {error}");
+                return ExitCode::from(Verdict::Missing.exit_code());
+            }
+        };
+        let (text, verdict) =
+            goto_auth_proxy::status::report(&store.location(), state.as_ref(), SystemTime::now());
+        print!("{text}");
+        ExitCode::from(verdict.exit_code())
+    })
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -157,19 +162,26 @@ fn run(args: RunArgs) -> ExitCode {
     })
 }
 
-/// `run --check`: the settings are valid and a credential is at hand.
+/// `run --check`: the settings are valid and every account has a credential at hand.
 async fn check(settings: &Settings) -> ExitCode {
-    let store = FileStore::new(&settings.state_file);
-    match app::initial_credential(settings, &store).await {
-        Ok(credential) => {
-            print!("{}", settings.describe());
-            println!("credential = {}", credential.describe());
-            println!("configuration is valid");
-            ExitCode::SUCCESS
-        }
-        Err(error) => {
-            eprintln!("goto-auth-proxy: {error}");
-            ExitCode::from(EXIT_CONFIG)
+    let mut credentials = Vec::with_capacity(settings.accounts.len());
+    for account in &settings.accounts {
+        let store = goto_auth_proxy::store::open(&account.state_file);
+        match app::initial_credential(account, store.as_ref()).await {
+            Ok((credential, _)) => credentials.push((&account.name, credential.describe())),
+            Err(error) => {
+                eprintln!("goto-auth-proxy: account {}: {error}", account.name);
+                return ExitCode::from(EXIT_CONFIG);
+            }
         }
     }
+    print!("{}", settings.describe());
+    for (account, credential) in credentials {
+        match account.as_str() {
+            goto_auth_proxy::config::DEFAULT_ACCOUNT => println!("credential = {credential}"),
+            name => println!("accounts.{name}.credential = {credential}"),
+        }
+    }
+    println!("configuration is valid");
+    ExitCode::SUCCESS
 }

@@ -18,6 +18,11 @@ struct ClassLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabel {
+    listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
 }
@@ -32,6 +37,7 @@ pub struct Metrics {
     auth_retries: Counter,
     upstream_connections: Counter,
     state_write_failures: Counter,
+    connections_refused: Family<ListenerLabel, Counter>,
     expires_in: Gauge<f64, AtomicU64>,
     refresh_token_age: Gauge<f64, AtomicU64>,
     ready: Gauge,
@@ -92,6 +98,14 @@ impl Metrics {
             "Failed writes of the state file (the refresh token may not be durable)",
             state_write_failures.clone(),
         );
+        let connections_refused = Family::<ListenerLabel, Counter>::default();
+        // Shown at 0 from the start, so that a dashboard can tell "none" from "not exported".
+        drop(connections_refused.get_or_create(&ListenerLabel { listener: "proxy" }));
+        registry.register(
+            "goto_proxy_connections_refused",
+            "Client connections closed at once because --max-connections were open",
+            connections_refused.clone(),
+        );
         let expires_in = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "goto_proxy_access_token_expires_in_seconds",
@@ -118,6 +132,7 @@ impl Metrics {
             auth_retries,
             upstream_connections,
             state_write_failures,
+            connections_refused,
             expires_in,
             refresh_token_age,
             ready,
@@ -153,19 +168,26 @@ impl Metrics {
         self.upstream_connections.inc();
     }
 
+    /// Counts a client connection closed at once for the connection cap.
+    pub fn count_connection_refused(&self, listener: &'static str) {
+        self.connections_refused
+            .get_or_create(&ListenerLabel { listener })
+            .inc();
+    }
+
     /// Counts a failed state write.
     pub fn count_state_write_failure(&self) {
         self.state_write_failures.inc();
     }
 
     /// Renders the text exposition format, after updating the token gauges from `snapshot`.
-    pub fn render(&self, snapshot: &Snapshot, ready: bool) -> String {
+    pub fn render(&self, snapshot: Option<&Snapshot>, ready: bool) -> String {
         let now = SystemTime::now();
-        if let Some(token) = &snapshot.token {
+        if let Some(token) = snapshot.and_then(|s| s.token.as_ref()) {
             self.expires_in
                 .set(signed_seconds(token.expires_at_wall(), now));
         }
-        if let Some(since) = snapshot.refresh_token_since {
+        if let Some(since) = snapshot.and_then(|s| s.refresh_token_since) {
             let since = SystemTime::UNIX_EPOCH + Duration::from_secs(since);
             self.refresh_token_age.set(-signed_seconds(since, now));
         }

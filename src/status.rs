@@ -1,7 +1,6 @@
 //! `goto-auth-proxy status`: what the state file says, without any secret.
 
 use std::fmt::Write as _;
-use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::store::PersistedState;
@@ -29,10 +28,14 @@ impl Verdict {
     }
 }
 
-/// The report for the state at `path` (`None`: no file) as of `now`.
-pub fn report(path: &Path, state: Option<&PersistedState>, now: SystemTime) -> (String, Verdict) {
+/// The report for the state stored at `location` (`None`: nothing stored) as of `now`.
+pub fn report(
+    location: &str,
+    state: Option<&PersistedState>,
+    now: SystemTime,
+) -> (String, Verdict) {
     let mut text = String::new();
-    let _ = writeln!(text, "state file:     {}", path.display());
+    let _ = writeln!(text, "state file:     {location}");
     let Some(state) = state else {
         let _ = writeln!(
             text,
@@ -121,6 +124,7 @@ mod tests {
             refresh_token: Some(SecretString::from("rt-do-not-print")),
             refresh_token_first_seen: Some(now - first_seen_days_ago * DAY),
             principal: Some("ann@example.com".into()),
+            access_token: None,
             access_token_expires_at: Some(now + 1800),
             updated_at: now,
         }
@@ -130,7 +134,7 @@ mod tests {
     fn a_young_refresh_token_is_usable_and_never_printed() {
         let now = 1_800_000_000;
         let (text, verdict) = report(
-            Path::new("/s.json"),
+            "/s.json",
             Some(&state(3, now)),
             unix_to_time(now),
         );
@@ -145,7 +149,7 @@ mod tests {
     fn an_old_refresh_token_is_stale() {
         let now = 1_800_000_000;
         let (text, verdict) = report(
-            Path::new("/s.json"),
+            "/s.json",
             Some(&state(26, now)),
             unix_to_time(now),
         );
@@ -157,10 +161,10 @@ mod tests {
     #[test]
     fn no_state_or_no_refresh_token_is_missing() {
         let now = unix_to_time(1_800_000_000);
-        assert_eq!(report(Path::new("/s.json"), None, now).1, Verdict::Missing);
+        assert_eq!(report("/s.json", None, now).1, Verdict::Missing);
         let empty = PersistedState::default();
         assert_eq!(
-            report(Path::new("/s.json"), Some(&empty), now).1,
+            report("/s.json", Some(&empty), now).1,
             Verdict::Missing
         );
     }

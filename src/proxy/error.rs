@@ -4,6 +4,7 @@
 use http::{header, HeaderValue, Response, StatusCode};
 
 use super::body::ProxyBody;
+use super::route::RouteError;
 use crate::token::Unavailable;
 
 /// A request the proxy could not complete. Texts never hold a token.
@@ -28,6 +29,9 @@ pub enum ProxyError {
     /// The client's request could not be forwarded as it is.
     #[error("{0}")]
     BadRequest(String),
+    /// The request named no account, or one the proxy does not serve.
+    #[error(transparent)]
+    NoRoute(#[from] RouteError),
 }
 
 impl ProxyError {
@@ -41,7 +45,15 @@ impl ProxyError {
                 (StatusCode::BAD_GATEWAY, "upstream_failed")
             }
             ProxyError::UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
-            ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ProxyError::BadRequest(_) | ProxyError::NoRoute(RouteError::Conflicting) => {
+                (StatusCode::BAD_REQUEST, "bad_request")
+            }
+            ProxyError::NoRoute(RouteError::AccountRequired) => {
+                (StatusCode::BAD_REQUEST, "account_required")
+            }
+            ProxyError::NoRoute(RouteError::UnknownAccount(_)) => {
+                (StatusCode::NOT_FOUND, "unknown_account")
+            }
         }
     }
 

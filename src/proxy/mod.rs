@@ -1,10 +1,15 @@
-//! The request path: every request gets the current token and goes upstream;
-//! a token refusal gets one shared refresh and one retry.
+//! The request path, the same for every route: the router picks the
+//! route first, then every request gets its account's current token and
+//! goes to its upstream; a token refusal gets one shared refresh and one
+//! retry, and every resend is decided by one [`retry`] policy.
 
 pub mod body;
 pub mod error;
 pub mod headers;
+pub mod path;
 pub mod pool;
+pub mod retry;
+pub mod route;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -18,32 +23,19 @@ use hyper::body::Incoming;
 use self::body::{read_up_to, Held, ProxyBody};
 use self::error::ProxyError;
 use self::pool::Affinity;
-use self::upstream::Upstream;
+use self::retry::{AttemptError, Cause, RetryPolicy};
+use self::route::{Route, Router};
 use crate::metrics::Metrics;
-use crate::token::{Bearer, TokenSource};
-
-/// How many times one request is sent when the upstream keeps refusing it unprocessed.
-const UNPROCESSED_ATTEMPTS: usize = 4;
+use crate::token::Bearer;
 
 /// The most of a 403 body read to look for GoToWebinar's `InvalidToken`.
 const FORBIDDEN_PEEK_LIMIT: usize = 64 * 1024;
 
-/// How the request path behaves.
-#[derive(Clone, Debug)]
-pub struct ProxyOptions {
-    /// How long a request may wait for a token.
-    pub token_wait: Duration,
-    /// Request bodies up to this size are kept for a retry.
-    pub retry_body_limit: usize,
-}
-
-/// Forwards client requests upstream with the current access token.
+/// Forwards client requests to their route's upstream with its account's token.
 #[derive(Debug)]
 pub struct ProxyService {
-    tokens: Arc<TokenSource>,
-    upstream: Upstream,
+    router: Arc<Router>,
     metrics: Arc<Metrics>,
-    options: ProxyOptions,
 }
 
 /// What upstream's answer means for the token.
@@ -55,24 +47,14 @@ enum Verdict {
 }
 
 impl ProxyService {
-    /// A service that takes tokens from `tokens` and sends through `upstream`.
-    pub fn new(
-        tokens: Arc<TokenSource>,
-        upstream: Upstream,
-        metrics: Arc<Metrics>,
-        options: ProxyOptions,
-    ) -> Self {
-        Self {
-            tokens,
-            upstream,
-            metrics,
-            options,
-        }
+    /// A service that routes every request with `router`.
+    pub fn new(router: Arc<Router>, metrics: Arc<Metrics>) -> Self {
+        Self { router, metrics }
     }
 
     /// State for a new client connection.
     pub fn open_connection(&self) -> Affinity {
-        self.upstream.affinity()
+        Affinity::new()
     }
 
     /// Answers one client request arriving on the connection `affinity` was
@@ -101,101 +83,78 @@ impl ProxyService {
         affinity: Option<&Affinity>,
         request: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let (parts, body) = request.into_parts();
-        let uri = self.upstream.uri_for(&parts.uri)?;
-        let body = read_up_to(body, self.options.retry_body_limit)
+        let (mut parts, body) = request.into_parts();
+        let route = self.router.route(&mut parts)?;
+        let uri = route.upstream.uri_for(&parts.uri)?;
+        let body = read_up_to(body, route.policy.retry_body_limit)
             .await
             .map_err(|e| ProxyError::BadRequest(format!("reading the request body failed: {e}")))?;
-        let bearer = self.acquire().await?;
-        let (first_body, replay) = match body {
+        let mut bearer = acquire(&route).await?;
+        let (mut body, replay) = match body {
             Held::Whole(bytes) => (ProxyBody::full(bytes.clone()), Some(bytes)),
             Held::TooLarge(stream) => (stream, None),
         };
-        let refused = match self
-            .deliver(affinity, &parts, &uri, &bearer, first_body, replay.as_ref())
-            .await?
-        {
-            Verdict::Deliver(response) => {
-                self.tokens.report_accepted(bearer.generation);
-                return Ok(response);
-            }
-            Verdict::TokenRefused(response) => response,
-        };
-        if !self.tokens.refusal_warrants_retry(bearer.generation) {
-            tracing::debug!("upstream refused a token obtained in answer to a refusal moments ago; passing the refusal on");
-            return Ok(refused);
-        }
-        let Some(replay) = replay else {
-            // The body is gone; the client gets the refusal, but the next request a fresh token.
-            self.tokens.report_stale(bearer.generation);
-            return Ok(refused);
-        };
-        drop(refused);
-        self.metrics.count_auth_retry();
-        let bearer = self
-            .tokens
-            .refreshed_after(bearer.generation, self.options.token_wait)
-            .await?;
-        let retry_body = ProxyBody::full(replay.clone());
-        match self
-            .deliver(affinity, &parts, &uri, &bearer, retry_body, Some(&replay))
-            .await?
-        {
-            Verdict::Deliver(response) => {
-                self.tokens.report_accepted(bearer.generation);
-                Ok(response)
-            }
-            Verdict::TokenRefused(response) => Ok(response),
-        }
-    }
-
-    /// The current token, or the next one within the wait. The fast path
-    /// only loads the snapshot; waiting sets up a notification first.
-    async fn acquire(&self) -> Result<Bearer, ProxyError> {
-        match self.tokens.current()? {
-            Some(bearer) => Ok(bearer),
-            None => Ok(self.tokens.acquire(self.options.token_wait).await?),
-        }
-    }
-
-    /// Sends the request; when the upstream refused it unprocessed (a server
-    /// rotating its HTTP/2 connections) and the body is at hand, sends it again
-    /// on another connection, a few times at most.
-    async fn deliver(
-        &self,
-        affinity: Option<&Affinity>,
-        parts: &Parts,
-        uri: &Uri,
-        bearer: &Bearer,
-        body: ProxyBody,
-        replay: Option<&Bytes>,
-    ) -> Result<Verdict, ProxyError> {
-        let mut body = body;
-        let mut attempt = 1;
+        let mut retry = RetryPolicy::new(route.policy.upstream_timeout);
         loop {
-            match self
-                .send(affinity, upstream_request(parts, uri.clone(), bearer, body))
-                .await
-            {
-                Err(ProxyError::UpstreamUnprocessed(reason)) if attempt < UNPROCESSED_ATTEMPTS => {
-                    let Some(bytes) = replay else {
-                        return Err(ProxyError::UpstreamUnprocessed(reason));
-                    };
-                    tracing::debug!(%reason, attempt, "upstream refused the request unprocessed; sending it again");
-                    body = ProxyBody::full(bytes.clone());
-                    attempt += 1;
+            let within = retry.next_send()?;
+            let request = upstream_request(&parts, uri.clone(), &bearer, body);
+            let refused = match self.send(&route, affinity, request, within).await {
+                Ok(Verdict::Deliver(response)) => {
+                    route.tokens.report_accepted(bearer.generation);
+                    return Ok(response);
                 }
-                other => return other,
+                Ok(Verdict::TokenRefused(response)) => response,
+                Err(AttemptError::NotSent(back)) if retry.allows(Cause::NotSent, true) => {
+                    body = back.into_body();
+                    continue;
+                }
+                Err(AttemptError::NotSent(_)) => {
+                    return Err(ProxyError::UpstreamFailed(
+                        "the upstream closed every connection before taking the request".into(),
+                    ))
+                }
+                Err(AttemptError::Unprocessed(reason)) => match &replay {
+                    Some(bytes) if retry.allows(Cause::Unprocessed, true) => {
+                        tracing::debug!(%reason, "upstream refused the request unprocessed; sending it again");
+                        body = ProxyBody::full(bytes.clone());
+                        continue;
+                    }
+                    _ => return Err(ProxyError::UpstreamUnprocessed(reason)),
+                },
+                Err(AttemptError::TimedOut) => return Err(retry.timed_out()),
+                Err(AttemptError::Fatal(error)) => return Err(error),
+            };
+            if !route.tokens.refusal_warrants_retry(bearer.generation) {
+                tracing::debug!("upstream refused a token obtained in answer to a refusal moments ago; passing the refusal on");
+                return Ok(refused);
             }
+            let Some(bytes) = replay
+                .as_ref()
+                .filter(|_| retry.allows(Cause::TokenRefused, true))
+            else {
+                // No retry for this request; the next one gets a fresh token.
+                route.tokens.report_stale(bearer.generation);
+                return Ok(refused);
+            };
+            drop(refused);
+            self.metrics.count_auth_retry();
+            bearer = route
+                .tokens
+                .refreshed_after(bearer.generation, route.policy.token_wait)
+                .await?;
+            body = ProxyBody::full(bytes.clone());
         }
     }
 
+    /// Sends once and sorts the answer by what it says of the token.
     async fn send(
         &self,
+        route: &Route,
         affinity: Option<&Affinity>,
         request: Request<ProxyBody>,
-    ) -> Result<Verdict, ProxyError> {
-        let (response, elapsed) = self.upstream.send(affinity, request).await?;
+        within: Duration,
+    ) -> Result<Verdict, AttemptError> {
+        let (response, elapsed) = route.upstream.send(affinity, request, within).await?;
         self.metrics.observe_upstream(elapsed);
         let (mut parts, body) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
@@ -205,9 +164,9 @@ impl ProxyService {
                 ProxyBody::Stream(body),
             ))),
             StatusCode::FORBIDDEN => {
-                let held = read_up_to(body, FORBIDDEN_PEEK_LIMIT)
-                    .await
-                    .map_err(|e| ProxyError::UpstreamFailed(error::chain(&e)))?;
+                let held = read_up_to(body, FORBIDDEN_PEEK_LIMIT).await.map_err(|e| {
+                    AttemptError::Fatal(ProxyError::UpstreamFailed(error::chain(&e)))
+                })?;
                 Ok(match held {
                     Held::Whole(bytes) if says_invalid_token(&bytes) => {
                         Verdict::TokenRefused(Response::from_parts(parts, ProxyBody::full(bytes)))
@@ -223,6 +182,15 @@ impl ProxyService {
                 ProxyBody::Stream(body),
             ))),
         }
+    }
+}
+
+/// The route's current token, or the next one within the wait. The fast
+/// path only loads the snapshot; waiting sets up a notification first.
+async fn acquire(route: &Route) -> Result<Bearer, ProxyError> {
+    match route.tokens.current()? {
+        Some(bearer) => Ok(bearer),
+        None => Ok(route.tokens.acquire(route.policy.token_wait).await?),
     }
 }
 

@@ -127,18 +127,28 @@ impl Sender {
     }
 }
 
-/// The upstream connection a client connection is bound to.
+/// The upstream connections a client connection is bound to: one HTTP/1.1
+/// connection per upstream its requests have named (reverse mode names one;
+/// a forward-mode client may name several hosts on one connection).
 pub struct Affinity {
-    pool: Arc<Pool>,
-    bound: Mutex<Option<http1::SendRequest<ProxyBody>>>,
-    driven: Mutex<Driven>,
+    bound: Mutex<Bound>,
 }
 
-/// A bound connection driven by the client's task, and how to wake that task.
+/// The bindings of one client connection, and how to wake its task.
 #[derive(Default)]
-struct Driven {
-    connection: Option<Pin<Box<Http1Connection>>>,
+struct Bound {
+    bindings: Vec<Binding>,
     waker: Option<Waker>,
+}
+
+/// One upstream's connection bound to a client connection.
+struct Binding {
+    pool: Arc<Pool>,
+    /// The connection's handle, while no request of the client uses it.
+    sender: Option<http1::SendRequest<ProxyBody>>,
+    /// The connection itself, when it was opened for this client and is
+    /// driven by the client's task.
+    driven: Option<Pin<Box<Http1Connection>>>,
 }
 
 impl std::fmt::Debug for Affinity {
@@ -147,33 +157,84 @@ impl std::fmt::Debug for Affinity {
     }
 }
 
+impl Default for Affinity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Affinity {
-    /// Makes `connection` the client task's to drive.
-    fn drive_here(&self, connection: Pin<Box<Http1Connection>>) {
-        let mut driven = lock(&self.driven);
-        driven.connection = Some(connection);
-        if let Some(waker) = &driven.waker {
+    /// A client connection bound to nothing yet; connections are made on first use.
+    pub fn new() -> Self {
+        Self {
+            bound: Mutex::new(Bound::default()),
+        }
+    }
+
+    /// The binding to `pool`, made if there is none.
+    fn binding<'a>(bound: &'a mut Bound, pool: &Arc<Pool>) -> &'a mut Binding {
+        let index = match bound
+            .bindings
+            .iter()
+            .position(|b| Arc::ptr_eq(&b.pool, pool))
+        {
+            Some(index) => index,
+            None => {
+                bound.bindings.push(Binding {
+                    pool: pool.clone(),
+                    sender: None,
+                    driven: None,
+                });
+                bound.bindings.len() - 1
+            }
+        };
+        &mut bound.bindings[index]
+    }
+
+    /// Takes the bound connection to `pool`, if there is one.
+    fn take(&self, pool: &Arc<Pool>) -> Option<http1::SendRequest<ProxyBody>> {
+        let mut bound = lock(&self.bound);
+        bound
+            .bindings
+            .iter_mut()
+            .find(|b| Arc::ptr_eq(&b.pool, pool))
+            .and_then(|b| b.sender.take())
+    }
+
+    /// Binds `sender` (back) to this client connection.
+    fn put(&self, pool: &Arc<Pool>, sender: http1::SendRequest<ProxyBody>) {
+        let mut bound = lock(&self.bound);
+        Self::binding(&mut bound, pool).sender = Some(sender);
+    }
+
+    /// Makes `connection` to `pool` the client task's to drive.
+    fn drive_here(&self, pool: &Arc<Pool>, connection: Pin<Box<Http1Connection>>) {
+        let mut bound = lock(&self.bound);
+        Self::binding(&mut bound, pool).driven = Some(connection);
+        if let Some(waker) = &bound.waker {
             waker.wake_by_ref();
         }
     }
 
-    /// Drives the bound connection while it lives in the client's task; to be
+    /// Drives the bound connections that live in the client's task; to be
     /// polled beside the client connection. Never completes.
     pub fn drive(&self) -> impl Future<Output = ()> + Send + '_ {
         std::future::poll_fn(move |cx: &mut Context<'_>| {
-            let mut driven = lock(&self.driven);
-            if let Some(connection) = driven.connection.as_mut() {
-                // Ready means closed (the upstream hung up, or the sender is gone).
-                if connection.as_mut().poll(cx).is_ready() {
-                    driven.connection = None;
+            let mut bound = lock(&self.bound);
+            for binding in &mut bound.bindings {
+                if let Some(connection) = binding.driven.as_mut() {
+                    // Ready means closed (the upstream hung up, or the sender is gone).
+                    if connection.as_mut().poll(cx).is_ready() {
+                        binding.driven = None;
+                    }
                 }
             }
-            if !driven
+            if !bound
                 .waker
                 .as_ref()
                 .is_some_and(|w| w.will_wake(cx.waker()))
             {
-                driven.waker = Some(cx.waker().clone());
+                bound.waker = Some(cx.waker().clone());
             }
             Poll::Pending
         })
@@ -181,18 +242,22 @@ impl Affinity {
 }
 
 impl Drop for Affinity {
-    /// The client has gone: a bound connection that is free goes to the idle
-    /// set, driven from now on by a task of its own.
+    /// The client has gone: each bound connection that is free goes to its
+    /// pool's idle set, driven from now on by a task of its own.
     fn drop(&mut self) {
-        let sender = lock(&self.bound).take();
-        let connection = lock(&self.driven).connection.take();
-        let (Some(sender), Ok(runtime)) = (sender, tokio::runtime::Handle::try_current()) else {
+        let bindings = std::mem::take(&mut lock(&self.bound).bindings);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        if let Some(connection) = connection {
-            runtime.spawn(connection);
+        for binding in bindings {
+            let Some(sender) = binding.sender else {
+                continue;
+            };
+            if let Some(connection) = binding.driven {
+                runtime.spawn(connection);
+            }
+            binding.pool.keep_when_ready(sender);
         }
-        self.pool.keep_when_ready(sender);
     }
 }
 
@@ -256,21 +321,12 @@ impl Pool {
         }
     }
 
-    /// A binding for a new client connection; its upstream connection is made on first use.
-    pub fn affinity(self: &Arc<Self>) -> Affinity {
-        Affinity {
-            pool: self.clone(),
-            bound: Mutex::new(None),
-            driven: Mutex::new(Driven::default()),
-        }
-    }
-
     /// A connection for one request. With an affinity (an HTTP/1 client):
     /// the bound one, else an idle one, else a new HTTP/1.1 one. Without (an
     /// HTTP/2 client's stream): the multiplexed one, else an idle one, else a
     /// new one, HTTP/2 if the upstream takes it.
     pub(crate) async fn checkout(
-        &self,
+        self: &Arc<Self>,
         affinity: Option<&Affinity>,
     ) -> Result<Lease, ConnectError> {
         let reused = |sender| {
@@ -279,7 +335,7 @@ impl Pool {
                 reused: true,
             })
         };
-        if let Some(mut sender) = affinity.and_then(|a| lock(&a.bound).take()) {
+        if let Some(mut sender) = affinity.and_then(|a| a.take(self)) {
             // Ready again as soon as the previous response was read to the
             // end, which it has been: the client sent this request.
             if sender.ready().await.is_ok() {
@@ -308,7 +364,7 @@ impl Pool {
             Opened::Http2(sender) => Sender::Http2(sender),
             Opened::Http1(sender, connection) => {
                 match affinity {
-                    Some(affinity) => affinity.drive_here(connection),
+                    Some(affinity) => affinity.drive_here(self, connection),
                     None => drop(tokio::spawn(connection)),
                 }
                 Sender::Http1(sender)
@@ -326,7 +382,7 @@ impl Pool {
     pub(crate) fn checkin(self: &Arc<Self>, affinity: Option<&Affinity>, sender: Sender) {
         match (affinity, sender) {
             (_, Sender::Http2(_)) => {}
-            (Some(affinity), Sender::Http1(sender)) => *lock(&affinity.bound) = Some(sender),
+            (Some(affinity), Sender::Http1(sender)) => affinity.put(self, sender),
             (None, Sender::Http1(sender)) => self.keep_when_ready(sender),
         }
     }

@@ -1,10 +1,12 @@
-//! The client that carries requests to the upstream.
+//! The client side: the upstreams requests are carried to, and the
+//! registry of connection pools, one per upstream (scheme and authority).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::header::HOST;
-use http::uri::{PathAndQuery, Uri};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
@@ -12,110 +14,164 @@ use hyper_util::client::legacy::connect::HttpConnector;
 
 use super::body::ProxyBody;
 use super::error::{chain, ProxyError};
+use super::path;
 use super::pool::{Affinity, Lease, Pool, SendError};
+use super::retry::AttemptError;
 use crate::config::UpstreamUrl;
 use crate::metrics::Metrics;
 use crate::tls::TlsError;
 
-/// How many connections one request tries when each turns out closed before taking it.
-const STALE_CONNECTION_ATTEMPTS: usize = 3;
-
-/// Settings of the upstream client.
+/// Settings of every outgoing connection.
 #[derive(Clone, Debug)]
-pub struct UpstreamOptions {
-    /// The base URL requests are forwarded to.
-    pub url: UpstreamUrl,
+pub struct ConnectOptions {
     /// Extra PEM roots to trust.
     pub extra_roots_pem: Option<Vec<u8>>,
     /// Upper bound for the TCP connect.
     pub connect_timeout: Duration,
-    /// Upper bound from sending to the response headers.
-    pub response_timeout: Duration,
 }
 
-/// Sends requests to the upstream: over the HTTP/1.1 connection bound to
-/// the client's connection where there is one, over a shared HTTP/2 one for
-/// HTTP/2 clients where the upstream offers it (see [`pool`](super::pool)).
+/// What tells upstreams apart: a pool serves exactly one.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct UpstreamKey {
+    /// `http` or `https`.
+    pub scheme: Scheme,
+    /// Host and port (compared without regard to case).
+    pub authority: Authority,
+}
+
+/// The connection pools of every upstream, made on first use and shared by
+/// every route (and, in forward mode, every request) that names the same one.
+pub struct Pools {
+    /// Offers HTTP/1.1 only, for connections bound to one client.
+    http1_connector: HttpsConnector<HttpConnector>,
+    /// Offers HTTP/2 and HTTP/1.1, for connections to share.
+    shared_connector: HttpsConnector<HttpConnector>,
+    metrics: Arc<Metrics>,
+    pools: Mutex<HashMap<UpstreamKey, Arc<Pool>>>,
+}
+
+impl std::fmt::Debug for Pools {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pools").finish_non_exhaustive()
+    }
+}
+
+impl Pools {
+    /// A registry whose pools connect as `options` say and count in `metrics`.
+    pub fn new(options: &ConnectOptions, metrics: Arc<Metrics>) -> Result<Self, TlsError> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(options.connect_timeout));
+        let tls = crate::tls::client_config(options.extra_roots_pem.as_deref())?;
+        Ok(Self {
+            http1_connector: connector(http.clone(), tls.clone(), false),
+            shared_connector: connector(http, tls, true),
+            metrics,
+            pools: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The pool of `key`'s upstream.
+    pub fn pool(&self, key: &UpstreamKey) -> Arc<Pool> {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools
+            .entry(key.clone())
+            .or_insert_with(|| {
+                let target = Uri::builder()
+                    .scheme(key.scheme.clone())
+                    .authority(key.authority.clone())
+                    .path_and_query("/")
+                    .build()
+                    .expect("a scheme and an authority make a valid URI");
+                Arc::new(Pool::new(
+                    self.http1_connector.clone(),
+                    self.shared_connector.clone(),
+                    target,
+                    self.metrics.clone(),
+                ))
+            })
+            .clone()
+    }
+}
+
+/// One upstream a route sends to: its base URL, and the pool of connections
+/// to it. HTTP/1 clients' requests go over the connection bound to their
+/// connection, HTTP/2 clients' over a shared HTTP/2 one where the upstream
+/// offers it (see [`pool`](super::pool)).
 #[derive(Clone, Debug)]
 pub struct Upstream {
     pool: Arc<Pool>,
     url: UpstreamUrl,
     /// The `Host` header of HTTP/1 requests.
     host: HeaderValue,
-    response_timeout: Duration,
 }
 
 impl Upstream {
-    /// A client for `options.url`; it counts the connections it opens in `metrics`.
-    pub fn new(options: &UpstreamOptions, metrics: Arc<Metrics>) -> Result<Self, TlsError> {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(options.connect_timeout));
-        let tls = crate::tls::client_config(options.extra_roots_pem.as_deref())?;
-        let http1_connector = connector(http.clone(), tls.clone(), false);
-        let shared_connector = connector(http, tls, true);
-        let url = options.url.clone();
-        let target = Uri::builder()
-            .scheme(url.scheme.clone())
-            .authority(url.authority.clone())
-            .path_and_query("/")
-            .build()
-            .expect("a parsed upstream URL makes a valid URI");
+    /// The upstream at `url`, with its pool from `pools`.
+    pub fn new(url: UpstreamUrl, pools: &Pools) -> Self {
+        let pool = pools.pool(&UpstreamKey {
+            scheme: url.scheme.clone(),
+            authority: url.authority.clone(),
+        });
         let host = HeaderValue::from_str(url.authority.as_str())
             .expect("a parsed authority is a valid header value");
-        Ok(Self {
-            pool: Arc::new(Pool::new(
-                http1_connector,
-                shared_connector,
-                target,
-                metrics,
-            )),
-            url,
-            host,
-            response_timeout: options.response_timeout,
-        })
+        Self { pool, url, host }
     }
 
-    /// State for a new client connection: its binding to an upstream connection.
-    pub fn affinity(&self) -> Affinity {
-        self.pool.affinity()
+    /// The base URL, for logs.
+    pub fn url(&self) -> &UpstreamUrl {
+        &self.url
     }
 
     /// The upstream URI for a client's request URI: the base path joined with
-    /// the request's path and query. Only the path and query of the client's
-    /// URI are used, so an absolute-form request cannot redirect the token.
+    /// the request's path (dot segments resolved, so it cannot leave the
+    /// base path) and query. Only the path and query of the client's URI are
+    /// used, so an absolute-form request cannot redirect the token.
     pub fn uri_for(&self, requested: &Uri) -> Result<Uri, ProxyError> {
-        let path_and_query = requested.path_and_query().map_or("/", PathAndQuery::as_str);
-        let path_and_query = if self.url.base_path.is_empty() {
-            PathAndQuery::try_from(path_and_query)
-        } else {
-            PathAndQuery::try_from(format!("{}{}", self.url.base_path, path_and_query))
+        let invalid = || ProxyError::BadRequest("the request path is not valid".into());
+        let requested_path = requested.path();
+        let resolved = path::without_dot_segments(requested_path);
+        if !self.url.base_path.is_empty() && path::has_encoded_separator(&resolved) {
+            return Err(ProxyError::BadRequest(
+                "the request path holds a percent-encoded / or \\, which could leave the upstream's base path"
+                    .into(),
+            ));
         }
-        .map_err(|_| ProxyError::BadRequest("the request path is not valid".into()))?;
+        let path_and_query = match (self.url.base_path.as_str(), &resolved, requested.query()) {
+            ("", std::borrow::Cow::Borrowed(_), _) => requested
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            (base, resolved, query) => {
+                let query = query.map(|q| format!("?{q}")).unwrap_or_default();
+                PathAndQuery::try_from(format!("{base}{resolved}{query}")).map_err(|_| invalid())?
+            }
+        };
         Uri::builder()
             .scheme(self.url.scheme.clone())
             .authority(self.url.authority.clone())
             .path_and_query(path_and_query)
             .build()
-            .map_err(|_| ProxyError::BadRequest("the request path is not valid".into()))
+            .map_err(|_| invalid())
     }
 
     /// Sends `request` (with an absolute URI, as [`Upstream::uri_for`] makes)
-    /// and waits for the response headers, bounded by the response timeout.
-    /// `affinity` is the client connection's binding; HTTP/2 client streams,
-    /// which run side by side, go without. Returns the time it took with the response.
+    /// once, and waits up to `within` for the response headers. `affinity`
+    /// is the client connection's binding; HTTP/2 client streams, which run
+    /// side by side, go without. Returns the time it took with the response.
     pub async fn send(
         &self,
         affinity: Option<&Affinity>,
         request: Request<ProxyBody>,
-    ) -> Result<(Response<Incoming>, Duration), ProxyError> {
+        within: Duration,
+    ) -> Result<(Response<Incoming>, Duration), AttemptError> {
         let started = Instant::now();
         // Pinned in place: `timeout` would otherwise move the whole exchange future.
         let exchange = std::pin::pin!(self.exchange(affinity, request));
-        match tokio::time::timeout(self.response_timeout, exchange).await {
+        match tokio::time::timeout(within, exchange).await {
             Ok(result) => result.map(|response| (response, started.elapsed())),
-            Err(_) => Err(ProxyError::UpstreamTimeout(self.response_timeout)),
+            Err(_) => Err(AttemptError::TimedOut),
         }
     }
 
@@ -123,46 +179,37 @@ impl Upstream {
         &self,
         affinity: Option<&Affinity>,
         mut request: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<Incoming>, AttemptError> {
         let absolute = request.uri().clone();
         let idempotent = request.method().is_idempotent();
-        let mut attempt = 1;
-        loop {
-            let Lease { mut sender, reused } = self
-                .pool
-                .checkout(affinity)
-                .await
-                .map_err(|e| ProxyError::UpstreamUnreachable(chain(&e)))?;
-            self.address(&mut request, &absolute, sender.is_http2());
-            match sender.send(request).await {
-                Ok(response) => {
-                    self.pool.checkin(affinity, sender);
-                    return Ok(response);
-                }
-                // The connection closed while idle; the request never left.
-                Err(SendError::NotSent(back)) if attempt < STALE_CONNECTION_ATTEMPTS => {
-                    request = *back;
-                    attempt += 1;
-                }
-                Err(SendError::NotSent(_)) => {
-                    return Err(ProxyError::UpstreamFailed(
-                        "the upstream closed every connection before taking the request".into(),
-                    ))
-                }
-                // A reused HTTP/1 connection that closed before any answer is
-                // most likely the upstream's keep-alive timeout racing the
-                // request; RFC 9112 §9.3.1 allows idempotent ones to be sent again.
-                Err(SendError::Failed(error))
-                    if was_not_processed(&error)
-                        || (idempotent && never_dispatched(&error))
-                        || (reused && idempotent && error.is_incomplete_message()) =>
-                {
-                    return Err(ProxyError::UpstreamUnprocessed(chain(&error)))
-                }
-                Err(SendError::Failed(error)) => {
-                    return Err(ProxyError::UpstreamFailed(chain(&error)))
-                }
+        let Lease { mut sender, reused } =
+            self.pool.checkout(affinity).await.map_err(|e| {
+                AttemptError::Fatal(ProxyError::UpstreamUnreachable(chain(&e)))
+            })?;
+        self.address(&mut request, &absolute, sender.is_http2());
+        match sender.send(request).await {
+            Ok(response) => {
+                self.pool.checkin(affinity, sender);
+                Ok(response)
             }
+            // The connection closed while idle; the request never left.
+            Err(SendError::NotSent(mut back)) => {
+                *back.uri_mut() = absolute;
+                Err(AttemptError::NotSent(back))
+            }
+            // A reused HTTP/1 connection that closed before any answer is
+            // most likely the upstream's keep-alive timeout racing the
+            // request; RFC 9112 §9.3.1 allows idempotent ones to be sent again.
+            Err(SendError::Failed(error))
+                if was_not_processed(&error)
+                    || (idempotent && never_dispatched(&error))
+                    || (reused && idempotent && error.is_incomplete_message()) =>
+            {
+                Err(AttemptError::Unprocessed(chain(&error)))
+            }
+            Err(SendError::Failed(error)) => Err(AttemptError::Fatal(ProxyError::UpstreamFailed(
+                chain(&error),
+            ))),
         }
     }
 
@@ -235,4 +282,80 @@ fn never_dispatched(error: &(dyn std::error::Error + 'static)) -> bool {
         source = cause.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(url: &str) -> Upstream {
+        let pools = Pools::new(
+            &ConnectOptions {
+                extra_roots_pem: None,
+                connect_timeout: Duration::from_secs(1),
+            },
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        Upstream::new(UpstreamUrl::parse(url, true).unwrap(), &pools)
+    }
+
+    fn joined(upstream: &Upstream, requested: &str) -> Result<String, ProxyError> {
+        upstream
+            .uri_for(&requested.parse().unwrap())
+            .map(|uri| uri.to_string())
+    }
+
+    #[test]
+    fn a_client_path_cannot_leave_the_base_path() {
+        let prefixed = upstream("https://egress.example/goto");
+        for (requested, expected) in [
+            ("/G2M/rest/meetings?x=1", "https://egress.example/goto/G2M/rest/meetings?x=1"),
+            ("/../admin", "https://egress.example/goto/admin"),
+            ("/a/../../../admin?q", "https://egress.example/goto/admin?q"),
+            ("/%2e%2e/admin", "https://egress.example/goto/admin"),
+            ("/./a/.", "https://egress.example/goto/a/"),
+        ] {
+            assert_eq!(joined(&prefixed, requested).unwrap(), expected, "{requested}");
+        }
+        for smuggled in ["/..%2fadmin", "/a/%2F..%2F..%2Fadmin", "/..%5cadmin"] {
+            assert!(
+                matches!(joined(&prefixed, smuggled), Err(ProxyError::BadRequest(_))),
+                "{smuggled}"
+            );
+        }
+    }
+
+    #[test]
+    fn without_a_base_path_dot_segments_are_resolved_too() {
+        let plain = upstream("https://api.getgo.com");
+        assert_eq!(
+            joined(&plain, "/G2W/../admin/rest?a=b").unwrap(),
+            "https://api.getgo.com/admin/rest?a=b"
+        );
+        assert_eq!(
+            joined(&plain, "/G2W/rest/x").unwrap(),
+            "https://api.getgo.com/G2W/rest/x"
+        );
+    }
+
+    #[test]
+    fn pools_are_keyed_by_upstream() {
+        let pools = Pools::new(
+            &ConnectOptions {
+                extra_roots_pem: None,
+                connect_timeout: Duration::from_secs(1),
+            },
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        let key = |scheme: Scheme, authority: &str| UpstreamKey {
+            scheme,
+            authority: authority.parse().unwrap(),
+        };
+        let one = pools.pool(&key(Scheme::HTTPS, "api.getgo.com"));
+        assert!(Arc::ptr_eq(&one, &pools.pool(&key(Scheme::HTTPS, "API.getgo.com"))));
+        assert!(!Arc::ptr_eq(&one, &pools.pool(&key(Scheme::HTTPS, "api.goto.com"))));
+        assert!(!Arc::ptr_eq(&one, &pools.pool(&key(Scheme::HTTP, "api.getgo.com"))));
+    }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::grant::{parse_grant, GrantError, TokenGrant};
+use crate::store::BoxFuture;
 
 /// The largest answer read from the token endpoint; tokens are kilobytes, not megabytes.
 pub const MAX_ANSWER_BYTES: usize = 256 * 1024;
@@ -118,6 +119,24 @@ impl EndpointError {
             Self::Status { .. } => "error_status",
             Self::BadAnswer(_) | Self::AnswerTooLarge => "bad_answer",
         }
+    }
+}
+
+/// Where the refresher gets tokens: the token endpoint, or a fake in tests.
+pub trait TokenClient: Send + Sync + 'static {
+    /// Exchanges `grant` for an access token.
+    fn request<'a>(
+        &'a self,
+        grant: &'a Grant,
+    ) -> BoxFuture<'a, Result<TokenGrant, EndpointError>>;
+}
+
+impl TokenClient for TokenEndpoint {
+    fn request<'a>(
+        &'a self,
+        grant: &'a Grant,
+    ) -> BoxFuture<'a, Result<TokenGrant, EndpointError>> {
+        Box::pin(TokenEndpoint::request(self, grant))
     }
 }
 

@@ -10,6 +10,10 @@ use serde::Deserialize;
 
 /// Lifetime assumed when the answer names none and the token carries no `exp` claim.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+/// The longest lifetime believed: GoTo's tokens live an hour, and a larger
+/// figure (up to 10^19 seconds has been seen from broken servers) would only
+/// keep a token past its real end, or overflow the clock.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// What a successful token request yields.
 #[derive(Debug)]
@@ -35,6 +39,8 @@ pub enum GrantError {
     UnsupportedTokenType(String),
     #[error("the access token holds characters that cannot be sent in an HTTP header")]
     UnsendableToken,
+    #[error("the token endpoint answered an expires_in that is not a positive number of seconds")]
+    BadLifetime,
 }
 
 #[derive(Deserialize)]
@@ -61,12 +67,14 @@ pub fn parse_grant(body: &[u8], now_unix: u64) -> Result<TokenGrant, GrantError>
             return Err(GrantError::UnsupportedTokenType(kind.to_owned()));
         }
     }
-    let lifetime = raw
-        .expires_in
-        .as_ref()
-        .and_then(seconds_from_json)
+    let stated = match raw.expires_in {
+        None | Some(serde_json::Value::Null) => None,
+        Some(value) => Some(seconds_from_json(&value).ok_or(GrantError::BadLifetime)?),
+    };
+    let lifetime = stated
         .or_else(|| jwt_lifetime(&access_token, now_unix))
-        .unwrap_or(DEFAULT_LIFETIME);
+        .unwrap_or(DEFAULT_LIFETIME)
+        .min(MAX_LIFETIME);
     Ok(TokenGrant {
         access_token: SecretString::from(access_token),
         lifetime,
@@ -78,14 +86,16 @@ pub fn parse_grant(body: &[u8], now_unix: u64) -> Result<TokenGrant, GrantError>
     })
 }
 
-/// `expires_in` is a number in the OAuth spec, but some servers send a string.
+/// `expires_in` is a number in the OAuth spec, but some servers send a
+/// string or a fraction. Zero, negative and non-numeric values are `None`.
 fn seconds_from_json(value: &serde_json::Value) -> Option<Duration> {
     let seconds = match value {
-        serde_json::Value::Number(n) => n.as_u64(),
-        serde_json::Value::String(s) => s.trim().parse().ok(),
+        serde_json::Value::Number(n) => n.as_f64(),
+        serde_json::Value::String(s) => s.trim().parse::<f64>().ok(),
         _ => None,
     }?;
-    (seconds > 0).then(|| Duration::from_secs(seconds))
+    // Anything from one second up is believed, capped later; `as` saturates.
+    (seconds.is_finite() && seconds >= 1.0).then(|| Duration::from_secs(seconds as u64))
 }
 
 /// The time left until the `exp` claim of a JWT, if the token is one and the
@@ -111,7 +121,7 @@ pub fn jwt_lifetime(token: &str, now_unix: u64) -> Option<Duration> {
     }?;
     exp.checked_sub(now_unix)
         .filter(|left| *left > 0)
-        .map(Duration::from_secs)
+        .map(|left| Duration::from_secs(left).min(MAX_LIFETIME))
 }
 
 #[cfg(test)]
@@ -154,6 +164,27 @@ mod tests {
     fn expires_in_as_string_is_accepted() {
         let grant = parse_grant(br#"{"access_token":"a","expires_in":"120"}"#, 0).unwrap();
         assert_eq!(grant.lifetime, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn absurd_lifetimes_are_capped_and_nonsense_is_refused() {
+        for huge in ["10000000000000000000", "1e300", "\"10000000000000000000\""] {
+            let body = format!(r#"{{"access_token":"a","expires_in":{huge}}}"#);
+            let grant = parse_grant(body.as_bytes(), 0).unwrap();
+            assert_eq!(grant.lifetime, MAX_LIFETIME, "{huge}");
+        }
+        for nonsense in ["0", "-5", "0.2", "\"soon\"", "\"\"", "true", "[]", "{}"] {
+            let body = format!(r#"{{"access_token":"a","expires_in":{nonsense}}}"#);
+            assert_eq!(
+                parse_grant(body.as_bytes(), 0).unwrap_err(),
+                GrantError::BadLifetime,
+                "{nonsense}"
+            );
+        }
+        let grant = parse_grant(br#"{"access_token":"a","expires_in":null}"#, 0).unwrap();
+        assert_eq!(grant.lifetime, DEFAULT_LIFETIME);
+        let far = jwt(r#"{"exp":18446744073709551615}"#);
+        assert_eq!(jwt_lifetime(&far, 0), Some(MAX_LIFETIME));
     }
 
     #[test]

@@ -59,8 +59,10 @@ impl std::fmt::Debug for AccessToken {
 }
 
 impl AccessToken {
-    /// Builds the `Bearer` header for `token`, valid for `lifetime` from now.
+    /// Builds the `Bearer` header for `token`, valid for `lifetime` from now
+    /// (at most [`MAX_LIFETIME`](grant::MAX_LIFETIME), so the clocks cannot overflow).
     pub fn new(token: &SecretString, lifetime: Duration) -> Result<Self, GrantError> {
+        let lifetime = lifetime.min(grant::MAX_LIFETIME);
         let value = format!("Bearer {}", token.expose_secret());
         let mut header = HeaderValue::from_maybe_shared(bytes::Bytes::from(value))
             .map_err(|_| GrantError::UnsendableToken)?;

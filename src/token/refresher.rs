@@ -9,16 +9,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use tokio::time::{sleep_until, Instant};
+use tokio::time::{sleep, sleep_until, Instant};
 
-use super::endpoint::{unix_now, EndpointError, Grant, TokenEndpoint};
+use super::endpoint::{unix_now, EndpointError, Grant, TokenClient};
 use super::grant::TokenGrant;
 use super::{
     AccessToken, Snapshot, TokenSource, TokenState, REFRESH_TOKEN_LIFETIME, REFRESH_TOKEN_WARN_AGE,
 };
 use crate::metrics::Metrics;
 use crate::shutdown::ShutdownSignal;
-use crate::store::{PersistedState, StateStore};
+use crate::store::{
+    Lease, LeaseGrant, PersistedState, SaveError, StateStore, StoreError, Versioned,
+};
 
 /// First delay after a failed token request; doubles up to [`BACKOFF_MAX`].
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
@@ -28,6 +30,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 const REJECTED_RECHECK: Duration = Duration::from_secs(15);
 /// First delay before retrying a failed state write; doubles up to [`BACKOFF_MAX`].
 const SAVE_RETRY_BASE: Duration = Duration::from_secs(1);
+/// How long a follower waits for the lease holder's token before asking again.
+const FOLLOW_WAIT: Duration = Duration::from_secs(15);
+/// How long to wait before watching the store again after watching failed.
+const WATCH_RETRY: Duration = Duration::from_secs(5);
 
 /// What the proxy presents to the token endpoint.
 pub enum Credential {
@@ -115,11 +121,27 @@ enum Phase {
     Rejected,
 }
 
+/// What woke the refresher.
+enum Wake {
+    /// A refresh is due (proactively, after a backoff, or a recheck).
+    Due,
+    /// A request reported the current token stale.
+    Stale,
+    /// A state write that failed is due to be tried again.
+    SaveDue,
+    /// Someone else stored a newer state.
+    Heard(Versioned),
+    /// Shutdown.
+    Stop,
+}
+
 /// Keeps one token source fresh for one account.
 pub struct Refresher {
-    endpoint: TokenEndpoint,
+    client: Box<dyn TokenClient>,
     credential: Credential,
     store: Option<Arc<dyn StateStore>>,
+    /// The version of the stored state this refresher's credential comes from.
+    version: u64,
     source: Arc<TokenSource>,
     metrics: Arc<Metrics>,
     margin: Duration,
@@ -130,20 +152,27 @@ pub struct Refresher {
 }
 
 impl Refresher {
-    /// A refresher that publishes into `source`. `store` is where a rotated
-    /// refresh token goes; `None` for a PAT, which never rotates.
+    /// A refresher that asks `client` for tokens and publishes into
+    /// `source`. `store` is where a rotated refresh token goes, and `version`
+    /// the stored version `credential` was read from; `None` for a PAT,
+    /// which never rotates.
     pub fn new(
-        endpoint: TokenEndpoint,
+        client: impl TokenClient,
         credential: Credential,
-        store: Option<Arc<dyn StateStore>>,
+        store: Option<(Arc<dyn StateStore>, u64)>,
         source: Arc<TokenSource>,
         metrics: Arc<Metrics>,
         margin: Duration,
     ) -> Self {
+        let (store, version) = match store {
+            Some((store, version)) => (Some(store), version),
+            None => (None, 0),
+        };
         Self {
-            endpoint,
+            client: Box::new(client),
             credential,
             store,
+            version,
             source,
             metrics,
             margin,
@@ -161,27 +190,36 @@ impl Refresher {
         let mut backoff = Backoff::default();
         loop {
             let mut after_refusal = false;
-            let next_save = self.next_save;
-            let save_due = async {
-                match next_save {
-                    Some(at) => sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                () = sleep_until(next_refresh) => {}
-                () = self.source.stale_reported(), if phase == Phase::Scheduled => {
+            match self.wait(phase, next_refresh, &mut shutdown).await {
+                Wake::Stop => return,
+                Wake::Due => {}
+                Wake::Stale => {
                     if !self.source.current_is_reported_stale() {
                         continue;
                     }
                     tracing::info!("upstream refused the current access token; refreshing now");
                     after_refusal = true;
                 }
-                () = save_due => {
+                Wake::SaveDue => {
                     self.retry_save().await;
                     continue;
                 }
-                () = shutdown.wait() => return,
+                Wake::Heard(stored) => {
+                    let token_adopted = self.adopt(stored);
+                    match (token_adopted, phase) {
+                        (Some(lifetime), _) => {
+                            phase = Phase::Scheduled;
+                            next_refresh = Instant::now() + refresh_delay(lifetime, self.margin);
+                        }
+                        // A rejected proxy tries the new state's refresh token at once.
+                        (None, Phase::Rejected) => {
+                            phase = Phase::Scheduled;
+                            next_refresh = Instant::now();
+                        }
+                        (None, _) => {}
+                    }
+                    continue;
+                }
             }
             if phase == Phase::Rejected && !self.adopt_new_stored_token().await {
                 next_refresh = Instant::now() + REJECTED_RECHECK;
@@ -193,7 +231,7 @@ impl Refresher {
                     phase = Phase::Scheduled;
                     next_refresh = Instant::now() + refresh_delay(lifetime, self.margin);
                 }
-                Err(error) if error.is_rejection() => {
+                Err(Failure::Endpoint(error)) if error.is_rejection() => {
                     if phase != Phase::Rejected {
                         tracing::error!(
                             error = %error,
@@ -206,17 +244,17 @@ impl Refresher {
                     self.publish_state(TokenState::Rejected);
                     next_refresh = Instant::now() + REJECTED_RECHECK;
                 }
-                Err(error) => {
+                Err(failure) => {
                     let delay = backoff
                         .next(BACKOFF_BASE)
-                        .max(error.retry_after().unwrap_or_default());
+                        .max(failure.retry_after().unwrap_or_default());
                     let retry_in =
                         humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
                     if self.source.is_ready() {
-                        tracing::warn!(error = %error, %retry_in,
+                        tracing::warn!(error = %failure, %retry_in,
                             "token request failed; the current token is still valid and stays in use");
                     } else {
-                        tracing::warn!(error = %error, %retry_in,
+                        tracing::warn!(error = %failure, %retry_in,
                             "token request failed and no valid token is held; requests wait for the retry");
                     }
                     phase = Phase::BackingOff;
@@ -227,27 +265,139 @@ impl Refresher {
         }
     }
 
-    /// One token request, with the bootstrap fallback on a first rejection.
-    /// `after_refusal` marks a refresh that answers an upstream 401.
-    async fn refresh(&mut self, after_refusal: bool) -> Result<Duration, EndpointError> {
-        loop {
-            match self.endpoint.request(&self.credential.grant()).await {
-                Ok(grant) => {
-                    self.metrics.count_refresh("success");
-                    return self.accept(grant, after_refusal).await;
-                }
+    /// Sleeps until something needs doing.
+    async fn wait(
+        &self,
+        phase: Phase,
+        next_refresh: Instant,
+        shutdown: &mut ShutdownSignal,
+    ) -> Wake {
+        let next_save = self.next_save;
+        let save_due = async {
+            match next_save {
+                Some(at) => sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let heard = async {
+            let Some(store) = &self.store else {
+                return std::future::pending().await;
+            };
+            match store.changed(self.version).await {
+                Ok(stored) => stored,
                 Err(error) => {
-                    self.metrics.count_refresh(error.kind());
-                    if error.is_rejection() && self.fall_back() {
-                        tracing::warn!(
-                            error = %error,
-                            "the state file's refresh token was rejected; trying the bootstrap refresh token"
-                        );
-                        continue;
-                    }
-                    return Err(error);
+                    tracing::warn!(error = %error, "cannot watch the stored token state; looking again later");
+                    sleep(WATCH_RETRY).await;
+                    std::future::pending().await
                 }
             }
+        };
+        // Biased, so that what is due is done in a fixed order.
+        tokio::select! {
+            biased;
+            () = shutdown.wait() => Wake::Stop,
+            () = sleep_until(next_refresh) => Wake::Due,
+            () = self.source.stale_reported(), if phase == Phase::Scheduled => Wake::Stale,
+            () = save_due => Wake::SaveDue,
+            stored = heard => Wake::Heard(stored),
+        }
+    }
+
+    /// One refresh: take the lease, ask for a token (with the fallbacks a
+    /// rejection allows), save, publish, release. When someone else holds
+    /// the lease, wait to hear of the token they store instead.
+    async fn refresh(&mut self, after_refusal: bool) -> Result<Duration, Failure> {
+        let Some(store) = self.store.clone() else {
+            let grant = self.request_with_fallbacks().await?;
+            return Ok(self.accept(grant, after_refusal, None).await?);
+        };
+        let lease = match store.lease().await.map_err(Failure::Store)? {
+            LeaseGrant::Held(lease) => lease,
+            LeaseGrant::Elsewhere => return self.follow(store.as_ref()).await,
+        };
+        let result = match self.request_with_fallbacks().await {
+            Ok(grant) => self
+                .accept(grant, after_refusal, Some(&lease))
+                .await
+                .map_err(Failure::from),
+            Err(failure) => Err(failure),
+        };
+        store.release(lease).await;
+        result
+    }
+
+    /// Another process is refreshing: waits, up to [`FOLLOW_WAIT`], for the
+    /// state it stores, and takes its access token into use.
+    async fn follow(&mut self, store: &dyn StateStore) -> Result<Duration, Failure> {
+        tracing::debug!("another process holds the refresh lease; waiting for its token");
+        match tokio::time::timeout(FOLLOW_WAIT, store.changed(self.version)).await {
+            Ok(Ok(stored)) => self.adopt(stored).ok_or(Failure::NothingHeard),
+            Ok(Err(error)) => Err(Failure::Store(error)),
+            Err(_) => Err(Failure::NothingHeard),
+        }
+    }
+
+    /// Takes a state someone else stored: its refresh token for the next
+    /// refresh, and its access token, if it carries a valid one, at once
+    /// (then returns that token's lifetime left).
+    fn adopt(&mut self, stored: Versioned) -> Option<Duration> {
+        self.version = stored.version;
+        let state = stored.state;
+        if let (Credential::RefreshToken { current, since, .. }, Some(token)) =
+            (&mut self.credential, state.refresh_token)
+        {
+            if token.expose_secret() != current.expose_secret() {
+                tracing::info!("another writer stored a newer refresh token; using it from now on");
+                *current = token;
+                *since = state.refresh_token_first_seen.unwrap_or_else(unix_now);
+            }
+        }
+        if let Some(principal) = state.principal {
+            self.principal = Some(principal.into());
+        }
+        let lifetime = Duration::from_secs(
+            state
+                .access_token_expires_at?
+                .checked_sub(unix_now())
+                .filter(|left| *left > 0)?,
+        );
+        let token = AccessToken::new(&state.access_token?, lifetime).ok()?;
+        self.log_new_token(&token, self.source.snapshot().generation == 0, false);
+        self.publish(token);
+        Some(lifetime)
+    }
+
+    /// One token request; on a rejection, first a refresh token someone
+    /// else stored (they may have rotated it a moment ago), then the
+    /// bootstrap token, each tried once.
+    async fn request_with_fallbacks(&mut self) -> Result<TokenGrant, Failure> {
+        let mut reread = false;
+        loop {
+            let error = match self.client.request(&self.credential.grant()).await {
+                Ok(grant) => {
+                    self.metrics.count_refresh("success");
+                    return Ok(grant);
+                }
+                Err(error) => error,
+            };
+            self.metrics.count_refresh(error.kind());
+            if !error.is_rejection() {
+                return Err(Failure::Endpoint(error));
+            }
+            if !reread {
+                reread = true;
+                if self.adopt_new_stored_token().await {
+                    continue;
+                }
+            }
+            if self.fall_back() {
+                tracing::warn!(
+                    error = %error,
+                    "the state file's refresh token was rejected; trying the bootstrap refresh token"
+                );
+                continue;
+            }
+            return Err(Failure::Endpoint(error));
         }
     }
 
@@ -273,6 +423,7 @@ impl Refresher {
         &mut self,
         grant: TokenGrant,
         after_refusal: bool,
+        lease: Option<&Lease>,
     ) -> Result<Duration, EndpointError> {
         let mut token = AccessToken::new(&grant.access_token, grant.lifetime)?;
         token.after_refusal = after_refusal;
@@ -286,19 +437,27 @@ impl Refresher {
             // The bootstrap token is only a way in; once a refresh works it is spent.
             *fallback = None;
         }
-        self.save(&token).await;
+        if let Some(lease) = lease {
+            self.save(&grant.access_token, &token, lease).await;
+        }
         self.warn_if_refresh_token_is_old();
         let first = self.source.snapshot().generation == 0;
         self.log_new_token(&token, first, rotated);
+        let lifetime = token.lifetime();
+        self.publish(token);
+        Ok(lifetime)
+    }
+
+    /// Publishes `token` as the next generation.
+    fn publish(&self, token: AccessToken) {
         let previous = self.source.snapshot();
         self.source.publish(Snapshot {
-            token: Some(token.clone()),
+            token: Some(token),
             generation: previous.generation + 1,
             state: TokenState::Fresh,
             principal: self.principal.clone(),
             refresh_token_since: self.credential.refresh_token_since(),
         });
-        Ok(token.lifetime())
     }
 
     /// Replaces the refresh token if the grant carried a different one.
@@ -349,79 +508,120 @@ impl Refresher {
     }
 
     /// Writes the state for `token`; a failure is loud and queued for retry.
-    async fn save(&mut self, token: &AccessToken) {
-        let (Some(_), Credential::RefreshToken { current, since, .. }) =
-            (&self.store, &self.credential)
-        else {
+    async fn save(&mut self, access_token: &SecretString, token: &AccessToken, lease: &Lease) {
+        let Credential::RefreshToken { current, since, .. } = &self.credential else {
             return;
         };
-        let state = PersistedState {
+        self.unsaved = Some(PersistedState {
             refresh_token: Some(current.clone()),
             refresh_token_first_seen: Some(*since),
             principal: self.principal.as_deref().map(str::to_owned),
+            access_token: Some(access_token.clone()),
             access_token_expires_at: token
                 .expires_at_wall()
                 .duration_since(std::time::UNIX_EPOCH)
                 .ok()
                 .map(|d| d.as_secs()),
             updated_at: unix_now(),
-        };
-        self.unsaved = Some(state);
-        self.retry_save().await;
+        });
+        self.write_unsaved(lease).await;
     }
 
-    /// Writes the pending state, if any; after a failure, schedules the next try.
+    /// Tries a failed write again, under a lease of its own.
     async fn retry_save(&mut self) {
-        let (Some(store), Some(state)) = (&self.store, &self.unsaved) else {
+        let Some(store) = self.store.clone() else {
             return;
         };
-        match store.save(state.clone()).await {
-            Ok(()) => {
-                if self.save_backoff.failures > 0 {
-                    tracing::info!(path = %store.location(), "the state file is written again");
-                }
-                self.unsaved = None;
-                self.next_save = None;
-                self.save_backoff.reset();
+        match store.lease().await {
+            Ok(LeaseGrant::Held(lease)) => {
+                self.write_unsaved(&lease).await;
+                store.release(lease).await;
             }
-            Err(error) => {
-                self.metrics.count_state_write_failure();
-                let delay = self.save_backoff.next(SAVE_RETRY_BASE);
-                tracing::error!(
-                    error = %error,
-                    retry_in = %humantime::format_duration(Duration::from_secs(delay.as_secs())),
-                    "the refresh token could not be saved: if the proxy stops before a write succeeds, \
-                     it may need `goto-auth-proxy login`; free disk space or fix the permissions of the state file's directory"
-                );
-                self.next_save = Some(Instant::now() + delay);
+            // The holder's state supersedes ours; what it stores is heard of.
+            Ok(LeaseGrant::Elsewhere) => {
+                self.schedule_save_retry();
+            }
+            Err(error) => self.save_failed(&SaveError::Store(error)),
+        }
+    }
+
+    /// Writes the pending state, if any. On a conflict the newer state is
+    /// taken; on a failure the next try is scheduled.
+    async fn write_unsaved(&mut self, lease: &Lease) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        while let Some(state) = self.unsaved.clone() {
+            match store.save(state, self.version, lease).await {
+                Ok(version) => {
+                    if self.save_backoff.failures > 0 {
+                        tracing::info!(path = %store.location(), "the state file is written again");
+                    }
+                    self.version = version;
+                    self.unsaved = None;
+                    self.next_save = None;
+                    self.save_backoff.reset();
+                }
+                Err(SaveError::Conflict(newer)) if newer.state.refresh_token.is_some() => {
+                    // Another writer (a `login`, another replica) stored a
+                    // refresh token after ours was read: theirs is the newer.
+                    self.unsaved = None;
+                    self.next_save = None;
+                    self.adopt(*newer);
+                }
+                Err(SaveError::Conflict(newer)) => self.version = newer.version,
+                Err(error) => {
+                    self.save_failed(&error);
+                    return;
+                }
             }
         }
     }
 
-    /// While rejected: takes a refresh token that an operator put in the store.
+    fn save_failed(&mut self, error: &SaveError) {
+        self.metrics.count_state_write_failure();
+        let delay = self.schedule_save_retry();
+        tracing::error!(
+            error = %error,
+            retry_in = %humantime::format_duration(Duration::from_secs(delay.as_secs())),
+            "the refresh token could not be saved: if the proxy stops before a write succeeds, \
+             it may need `goto-auth-proxy login`; free disk space or fix the permissions of the state file's directory"
+        );
+    }
+
+    fn schedule_save_retry(&mut self) -> Duration {
+        let delay = self.save_backoff.next(SAVE_RETRY_BASE);
+        self.next_save = Some(Instant::now() + delay);
+        delay
+    }
+
+    /// Takes a refresh token that an operator or another writer put in the
+    /// store, if it differs from the current one.
     async fn adopt_new_stored_token(&mut self) -> bool {
-        let (Some(store), Credential::RefreshToken { current, since, .. }) =
-            (&self.store, &mut self.credential)
-        else {
+        let Some(store) = self.store.clone() else {
+            return false;
+        };
+        let Credential::RefreshToken { current, .. } = &self.credential else {
             return false;
         };
         let stored = match store.load().await {
-            Ok(Some(state)) => state,
+            Ok(Some(stored)) => stored,
             Ok(None) => return false,
             Err(error) => {
                 tracing::warn!(error = %error, "cannot read the state file for a new refresh token");
                 return false;
             }
         };
-        match stored.refresh_token {
-            Some(token) if token.expose_secret() != current.expose_secret() => {
-                tracing::info!(path = %store.location(), "found a new refresh token in the state file; trying it");
-                *current = token;
-                *since = stored.refresh_token_first_seen.unwrap_or_else(unix_now);
-                true
-            }
-            _ => false,
+        let differs = stored
+            .state
+            .refresh_token
+            .as_ref()
+            .is_some_and(|token| token.expose_secret() != current.expose_secret());
+        if differs {
+            tracing::info!(path = %store.location(), "found a new refresh token in the state file; trying it");
+            self.adopt(stored);
         }
+        differs
     }
 
     /// Publishes a state change, keeping the current token.
@@ -431,6 +631,26 @@ impl Refresher {
             state,
             ..(*previous).clone()
         });
+    }
+}
+
+/// Why a refresh gave no token.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    #[error("the token store failed: {0}")]
+    Store(StoreError),
+    #[error("another process holds the refresh lease, and no new token was stored in time")]
+    NothingHeard,
+}
+
+impl Failure {
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Failure::Endpoint(error) => error.retry_after(),
+            _ => None,
+        }
     }
 }
 
@@ -484,5 +704,335 @@ mod tests {
         };
         let shown = format!("{credential:?}");
         assert!(!shown.contains("rt-"), "{shown}");
+    }
+
+    /// The refresher's state machine, driven through fakes under tokio's
+    /// paused clock: no real waiting, and times that are exact.
+    mod machine {
+        use std::collections::VecDeque;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Mutex;
+
+        use super::super::*;
+        use crate::shutdown::ShutdownTrigger;
+        use crate::store::BoxFuture;
+
+        /// What the fake token endpoint answers, in order; then good tokens.
+        enum Answer {
+            Token { lifetime: u64, rotate_to: Option<&'static str> },
+            Unreachable,
+            RetryAfter(u64),
+            Rejected,
+        }
+
+        #[derive(Default)]
+        struct FakeEndpoint {
+            answers: Mutex<VecDeque<Answer>>,
+            /// When each request came, and the refresh token it presented.
+            seen: Mutex<Vec<(Instant, String)>>,
+        }
+
+        impl FakeEndpoint {
+            fn script(answers: impl IntoIterator<Item = Answer>) -> Arc<Self> {
+                Arc::new(Self {
+                    answers: Mutex::new(answers.into_iter().collect()),
+                    seen: Mutex::default(),
+                })
+            }
+
+            fn seen(&self) -> Vec<(Instant, String)> {
+                self.seen.lock().unwrap().clone()
+            }
+        }
+
+        impl TokenClient for Arc<FakeEndpoint> {
+            fn request<'a>(
+                &'a self,
+                grant: &'a Grant,
+            ) -> BoxFuture<'a, Result<TokenGrant, EndpointError>> {
+                let presented = match grant {
+                    Grant::RefreshToken(token) => token.expose_secret().to_owned(),
+                    _ => String::new(),
+                };
+                self.seen.lock().unwrap().push((Instant::now(), presented));
+                let answer = self.answers.lock().unwrap().pop_front();
+                let result = match answer.unwrap_or(Answer::Token {
+                    lifetime: 60,
+                    rotate_to: None,
+                }) {
+                    Answer::Token {
+                        lifetime,
+                        rotate_to,
+                    } => Ok(TokenGrant {
+                        access_token: SecretString::from("at"),
+                        lifetime: Duration::from_secs(lifetime),
+                        refresh_token: rotate_to.map(SecretString::from),
+                        principal: None,
+                    }),
+                    Answer::Unreachable => Err(EndpointError::Unreachable("down".into())),
+                    Answer::RetryAfter(seconds) => Err(EndpointError::Status {
+                        status: 429,
+                        code: None,
+                        retry_after: Some(Duration::from_secs(seconds)),
+                    }),
+                    Answer::Rejected => Err(EndpointError::GrantRejected {
+                        code: "invalid_grant".into(),
+                    }),
+                };
+                Box::pin(std::future::ready(result))
+            }
+        }
+
+        /// A store in memory that the test writes to as "someone else".
+        struct MemoryStore {
+            stored: Mutex<Option<Versioned>>,
+            version: tokio::sync::watch::Sender<u64>,
+            lease_elsewhere: AtomicBool,
+        }
+
+        impl MemoryStore {
+            fn new() -> Arc<Self> {
+                Arc::new(Self {
+                    stored: Mutex::new(None),
+                    version: tokio::sync::watch::channel(0).0,
+                    lease_elsewhere: AtomicBool::new(false),
+                })
+            }
+
+            /// Another writer stores `state` on top of whatever is there.
+            fn put(&self, state: PersistedState) {
+                let mut stored = self.stored.lock().unwrap();
+                let version = stored.as_ref().map_or(0, |s| s.version) + 1;
+                *stored = Some(Versioned { state, version });
+                self.version.send_replace(version);
+            }
+
+            fn refresh_token(&self) -> Option<String> {
+                let stored = self.stored.lock().unwrap();
+                stored
+                    .as_ref()
+                    .and_then(|s| s.state.refresh_token.as_ref())
+                    .map(|t| t.expose_secret().to_owned())
+            }
+        }
+
+        impl StateStore for MemoryStore {
+            fn load(&self) -> BoxFuture<'_, Result<Option<Versioned>, StoreError>> {
+                Box::pin(std::future::ready(Ok(self.stored.lock().unwrap().clone())))
+            }
+
+            fn save<'a>(
+                &'a self,
+                state: PersistedState,
+                based_on: u64,
+                _lease: &'a Lease,
+            ) -> BoxFuture<'a, Result<u64, SaveError>> {
+                let mut stored = self.stored.lock().unwrap();
+                let result = match stored.as_ref() {
+                    Some(newer) if newer.version > based_on => {
+                        Err(SaveError::Conflict(Box::new(newer.clone())))
+                    }
+                    _ => {
+                        *stored = Some(Versioned {
+                            state,
+                            version: based_on + 1,
+                        });
+                        self.version.send_replace(based_on + 1);
+                        Ok(based_on + 1)
+                    }
+                };
+                Box::pin(std::future::ready(result))
+            }
+
+            fn changed(&self, seen: u64) -> BoxFuture<'_, Result<Versioned, StoreError>> {
+                let mut version = self.version.subscribe();
+                Box::pin(async move {
+                    let _ = version.wait_for(|v| *v > seen).await;
+                    Ok(self.stored.lock().unwrap().clone().expect("a stored state"))
+                })
+            }
+
+            fn lease(&self) -> BoxFuture<'_, Result<LeaseGrant, StoreError>> {
+                let grant = if self.lease_elsewhere.load(Ordering::Relaxed) {
+                    LeaseGrant::Elsewhere
+                } else {
+                    LeaseGrant::Held(Lease { fence: 1 })
+                };
+                Box::pin(std::future::ready(Ok(grant)))
+            }
+
+            fn release(&self, _lease: Lease) -> BoxFuture<'_, ()> {
+                Box::pin(std::future::ready(()))
+            }
+
+            fn location(&self) -> String {
+                "memory".into()
+            }
+        }
+
+        struct Running {
+            source: Arc<TokenSource>,
+            _stop: ShutdownTrigger,
+        }
+
+        fn refresh_token(token: &str, fallback: Option<&str>) -> Credential {
+            Credential::RefreshToken {
+                current: SecretString::from(token),
+                since: unix_now(),
+                fallback: fallback.map(SecretString::from),
+            }
+        }
+
+        fn start(
+            endpoint: &Arc<FakeEndpoint>,
+            credential: Credential,
+            store: &Arc<MemoryStore>,
+        ) -> Running {
+            let source = Arc::new(TokenSource::new());
+            let version = store.stored.lock().unwrap().as_ref().map_or(0, |s| s.version);
+            let refresher = Refresher::new(
+                endpoint.clone(),
+                credential,
+                Some((store.clone() as Arc<dyn StateStore>, version)),
+                source.clone(),
+                Arc::new(Metrics::new()),
+                Duration::from_secs(300),
+            );
+            let (stop, signal) = crate::shutdown::channel();
+            tokio::spawn(refresher.run(signal));
+            Running {
+                source,
+                _stop: stop,
+            }
+        }
+
+        fn stored(token: &str) -> PersistedState {
+            PersistedState {
+                refresh_token: Some(SecretString::from(token)),
+                refresh_token_first_seen: Some(unix_now()),
+                ..PersistedState::default()
+            }
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn refreshes_at_half_the_lifetime_and_saves_a_rotation_first() {
+            let endpoint = FakeEndpoint::script([
+                Answer::Token {
+                    lifetime: 60,
+                    rotate_to: Some("rt-2"),
+                },
+                Answer::Token {
+                    lifetime: 60,
+                    rotate_to: None,
+                },
+            ]);
+            let store = MemoryStore::new();
+            let started = Instant::now();
+            let running = start(&endpoint, refresh_token("rt-1", None), &store);
+            sleep(Duration::from_secs(1)).await;
+            assert!(running.source.is_ready());
+            assert_eq!(store.refresh_token().as_deref(), Some("rt-2"));
+            sleep(Duration::from_secs(60)).await;
+            let seen = endpoint.seen();
+            assert_eq!(seen.len(), 3, "at 0 s, 30 s and 60 s");
+            assert_eq!(seen[0].1, "rt-1");
+            assert_eq!(seen[1].1, "rt-2", "the rotated token is used next");
+            assert_eq!(seen[1].0 - started, Duration::from_secs(30));
+            assert_eq!(seen[2].0 - seen[1].0, Duration::from_secs(30));
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn backs_off_with_jitter_and_honours_retry_after() {
+            let endpoint = FakeEndpoint::script([
+                Answer::Unreachable,
+                Answer::Unreachable,
+                Answer::RetryAfter(20),
+            ]);
+            let store = MemoryStore::new();
+            let running = start(&endpoint, refresh_token("rt-1", None), &store);
+            sleep(Duration::from_secs(30)).await;
+            assert!(running.source.is_ready());
+            let times: Vec<_> = endpoint.seen().into_iter().map(|(at, _)| at).collect();
+            assert_eq!(times.len(), 4, "three failures, then a token");
+            let first = times[1] - times[0];
+            let second = times[2] - times[1];
+            assert!(first >= BACKOFF_BASE / 2 && first <= BACKOFF_BASE, "{first:?}");
+            assert!(second >= BACKOFF_BASE && second <= BACKOFF_BASE * 2, "{second:?}");
+            assert!(
+                times[3] - times[2] >= Duration::from_secs(20),
+                "Retry-After is honoured"
+            );
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_rejection_waits_for_a_new_state_and_then_recovers() {
+            let endpoint = FakeEndpoint::script([Answer::Rejected, Answer::Rejected]);
+            let store = MemoryStore::new();
+            let running = start(&endpoint, refresh_token("rt-dead", None), &store);
+            sleep(Duration::from_secs(60)).await;
+            assert_eq!(running.source.snapshot().state, TokenState::Rejected);
+            assert_eq!(
+                endpoint.seen().len(),
+                1,
+                "no token request while nothing new is stored"
+            );
+            // An operator runs `login` (another writer): the new token is heard of and tried.
+            store.put(stored("rt-from-login"));
+            sleep(Duration::from_secs(1)).await;
+            assert!(running.source.is_ready());
+            let seen = endpoint.seen();
+            assert_eq!(seen.last().unwrap().1, "rt-from-login");
+            assert_eq!(seen.len(), 2);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn invalid_grant_rereads_the_store_before_the_bootstrap_token() {
+            // Another writer rotated the token a moment ago; the one in hand is stale.
+            let endpoint = FakeEndpoint::script([Answer::Rejected]);
+            let store = MemoryStore::new();
+            store.put(stored("rt-stale"));
+            let running = start(&endpoint, refresh_token("rt-stale", Some("rt-bootstrap")), &store);
+            store.stored.lock().unwrap().as_mut().unwrap().state = stored("rt-rotated-elsewhere");
+            sleep(Duration::from_secs(1)).await;
+            assert!(running.source.is_ready());
+            let presented: Vec<_> = endpoint.seen().into_iter().map(|(_, t)| t).collect();
+            assert_eq!(presented, ["rt-stale", "rt-rotated-elsewhere"]);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_follower_takes_the_lease_holders_token_without_asking() {
+            let endpoint = FakeEndpoint::script([]);
+            let store = MemoryStore::new();
+            store.lease_elsewhere.store(true, Ordering::Relaxed);
+            let running = start(&endpoint, refresh_token("rt-1", None), &store);
+            sleep(Duration::from_secs(2)).await;
+            assert!(!running.source.is_ready());
+            store.put(PersistedState {
+                access_token: Some(SecretString::from("at-of-the-leader")),
+                access_token_expires_at: Some(unix_now() + 600),
+                ..stored("rt-of-the-leader")
+            });
+            sleep(Duration::from_millis(10)).await;
+            let bearer = running.source.current().unwrap().expect("a token");
+            assert_eq!(bearer.header.as_bytes(), b"Bearer at-of-the-leader");
+            assert!(endpoint.seen().is_empty(), "a follower asks for no token");
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_save_that_conflicts_takes_the_newer_refresh_token() {
+            let endpoint = FakeEndpoint::script([Answer::Token {
+                lifetime: 60,
+                rotate_to: Some("rt-mine"),
+            }]);
+            let store = MemoryStore::new();
+            let running = start(&endpoint, refresh_token("rt-1", None), &store);
+            // Someone stores a newer state before the refresher's first save.
+            store.put(stored("rt-theirs"));
+            sleep(Duration::from_secs(1)).await;
+            assert!(running.source.is_ready());
+            assert_eq!(store.refresh_token().as_deref(), Some("rt-theirs"));
+            sleep(Duration::from_secs(30)).await;
+            assert_eq!(endpoint.seen().last().unwrap().1, "rt-theirs");
+        }
     }
 }

@@ -1,0 +1,275 @@
+//! Accepting connections and serving HTTP/1.1 and HTTP/2 on them, with a
+//! cap on connections and a bounded graceful drain when shutdown is asked
+//! for. Any byte stream can be served (a TCP socket, a TLS session, the
+//! inside of a `CONNECT` tunnel), with hyper's upgrades on, through the same
+//! path: first-bytes timeout, header timeout, connection state, drain.
+
+mod limit;
+mod rewind;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::TcpListener;
+
+pub use self::limit::ConnectionLimit;
+pub use self::rewind::Rewind;
+use crate::metrics::Metrics;
+use crate::proxy::body::ProxyBody;
+use crate::shutdown::ShutdownSignal;
+
+/// How long to pause accepting after an error such as running out of file descriptors.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// What an HTTP/2 connection starts with (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Something that answers requests.
+pub trait Handler: Send + Sync + 'static {
+    /// What the handler keeps for the life of one client connection.
+    type Connection: Send + Sync + 'static;
+
+    /// State for a client connection that has just started to talk.
+    fn open_connection(&self) -> Self::Connection;
+
+    /// Work of the connection's own, polled beside it in its task (such as
+    /// an upstream connection bound to it); never completes.
+    fn drive<'a>(&self, connection: &'a Self::Connection) -> impl Future<Output = ()> + Send + 'a;
+
+    /// Answers one request arriving on `connection`; errors are answers too.
+    fn handle(
+        &self,
+        connection: &Self::Connection,
+        request: Request<Incoming>,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send;
+}
+
+/// A handler that answers each request at once from the request alone and
+/// keeps nothing per connection (the admin listener, the login redirect).
+pub trait Answer: Send + Sync + 'static {
+    /// The answer to `request`.
+    fn answer(&self, request: &Request<Incoming>) -> Response<ProxyBody>;
+}
+
+impl<A: Answer> Handler for A {
+    type Connection = ();
+
+    fn open_connection(&self) {}
+
+    fn drive<'a>(&self, _connection: &'a ()) -> impl Future<Output = ()> + Send + 'a {
+        std::future::pending()
+    }
+
+    fn handle(
+        &self,
+        _connection: &(),
+        request: Request<Incoming>,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send {
+        std::future::ready(self.answer(&request))
+    }
+}
+
+impl Handler for crate::proxy::ProxyService {
+    type Connection = crate::proxy::pool::Affinity;
+
+    fn open_connection(&self) -> Self::Connection {
+        crate::proxy::ProxyService::open_connection(self)
+    }
+
+    fn drive<'a>(&self, connection: &'a Self::Connection) -> impl Future<Output = ()> + Send + 'a {
+        connection.drive()
+    }
+
+    fn handle(
+        &self,
+        connection: &Self::Connection,
+        request: Request<Incoming>,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send {
+        crate::proxy::ProxyService::handle(self, connection, request)
+    }
+}
+
+/// Connection-level limits.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// Upper bound for a client to send its request headers.
+    pub header_read_timeout: Duration,
+    /// Largest request head; larger ones get 431.
+    pub max_header_bytes: usize,
+    /// How long requests in flight may finish after shutdown is asked for.
+    pub drain_timeout: Duration,
+    /// Client connections served at once.
+    pub max_connections: usize,
+}
+
+/// Serves one handler on any number of streams, and drains them all at the end.
+pub struct Server<H> {
+    name: &'static str,
+    handler: Arc<H>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    graceful: GracefulShutdown,
+    options: ServerOptions,
+}
+
+impl<H: Handler> Server<H> {
+    /// A server named `name` (for logs) answering with `handler`.
+    pub fn new(name: &'static str, handler: Arc<H>, options: ServerOptions) -> Self {
+        Self {
+            name,
+            handler,
+            builder: Arc::new(connection_builder(&options)),
+            graceful: GracefulShutdown::new(),
+            options,
+        }
+    }
+
+    /// Serving one client connection on `stream`, whatever it is, until it
+    /// ends or the drain closes it. Spawn the future it gives.
+    pub fn serve_stream<S>(&self, stream: S, peer: SocketAddr) -> impl Future<Output = ()> + Send
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let builder = self.builder.clone();
+        let handler = self.handler.clone();
+        let watcher = self.graceful.watcher();
+        let first_bytes_timeout = self.options.header_read_timeout;
+        async move {
+            let Some((prefix, stream)) = first_bytes(stream, first_bytes_timeout).await else {
+                tracing::debug!(%peer, "closing a connection that sent no request in time");
+                return;
+            };
+            let state = Arc::new(handler.open_connection());
+            let driver = handler.drive(&state);
+            let service = hyper::service::service_fn({
+                let state = state.clone();
+                move |request| {
+                    let handler = handler.clone();
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(handler.handle(&state, request).await) }
+                }
+            });
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(Rewind::new(prefix, stream)), service)
+                .into_owned();
+            let served = watcher.watch(connection);
+            let (mut served, mut driver) = (std::pin::pin!(served), std::pin::pin!(driver));
+            // The connection first: what it does (a request sent upstream) is then
+            // carried out by the driver in the same poll.
+            let result = std::future::poll_fn(|cx| match served.as_mut().poll(cx) {
+                Poll::Ready(result) => Poll::Ready(result),
+                Poll::Pending => driver.as_mut().poll(cx).map(|()| Ok(())),
+            })
+            .await;
+            if let Err(error) = result {
+                tracing::debug!(%peer, error = %error, "client connection ended with an error");
+            }
+        }
+    }
+
+    /// Waits, up to the drain timeout, for the connections still open.
+    pub async fn drain(self) {
+        let (name, timeout) = (self.name, self.options.drain_timeout);
+        let count = self.graceful.count();
+        if count > 0 {
+            tracing::info!(
+                listener = name,
+                connections = count,
+                "waiting for requests in flight"
+            );
+        }
+        match tokio::time::timeout(timeout, self.graceful.shutdown()).await {
+            Ok(()) => tracing::debug!(listener = name, "all connections closed"),
+            Err(_) => tracing::warn!(
+                listener = name,
+                timeout = %humantime::format_duration(timeout),
+                "drain timeout reached; closing the connections still open"
+            ),
+        }
+    }
+}
+
+/// Serves `handler` on `listener` until `shutdown` fires, then drains.
+/// Connections beyond the cap are closed at once and counted in `metrics`.
+pub async fn serve<H: Handler>(
+    name: &'static str,
+    listener: TcpListener,
+    handler: Arc<H>,
+    options: ServerOptions,
+    metrics: Arc<Metrics>,
+    mut shutdown: ShutdownSignal,
+) {
+    let mut limit = ConnectionLimit::new(name, options.max_connections, metrics);
+    let server = Server::new(name, handler, options);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let Some(permit) = limit.admit() else {
+                        drop(stream);
+                        continue;
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let connection = server.serve_stream(stream, peer);
+                    tokio::spawn(async move {
+                        connection.await;
+                        drop(permit);
+                    });
+                }
+                Err(error) => {
+                    tracing::warn!(listener = name, error = %error, "accepting a connection failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                }
+            },
+            () = shutdown.wait() => break,
+        }
+    }
+    drop(listener);
+    server.drain().await;
+}
+
+/// Reads, up to `timeout`, until the client has sent enough to tell HTTP/1
+/// from the HTTP/2 preface, and gives those bytes back to be replayed.
+/// hyper's header read timeout starts only after that, so without this a
+/// client that connects and sends nothing (or a few bytes of the preface)
+/// would hold its connection forever.
+async fn first_bytes<S: AsyncRead + Unpin>(mut stream: S, timeout: Duration) -> Option<(Bytes, S)> {
+    let mut buffer = [0u8; H2_PREFACE.len()];
+    let mut filled = 0;
+    let detect = async {
+        loop {
+            match stream.read(&mut buffer[filled..]).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => filled += n,
+            }
+            if filled == H2_PREFACE.len() || buffer[..filled] != H2_PREFACE[..filled] {
+                return true;
+            }
+        }
+    };
+    let known = tokio::time::timeout(timeout, detect).await.unwrap_or(false);
+    known.then(|| (Bytes::copy_from_slice(&buffer[..filled]), stream))
+}
+
+fn connection_builder(options: &ServerOptions) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        .max_buf_size(options.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX));
+    builder
+}

@@ -1,0 +1,145 @@
+//! Durable token state, behind one trait that a store shared by several
+//! writers can implement.
+//!
+//! [`StateStore`] is what the refresher, `login` and `status` use: a load, a
+//! save that is a compare-and-set on a version (a save based on an older
+//! version than the stored one is refused, and the caller learns the newer
+//! state), a way to hear of a state someone else wrote, and a lease that
+//! says who may refresh. The file store ([`file`]) is the first
+//! implementation: one machine, writers serialised by a lock on the state
+//! file's directory, and a lease that is always granted.
+
+pub mod file;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use secrecy::SecretString;
+
+pub use self::file::{parse_state, write_atomically, FileStore};
+
+/// A boxed future, so the store can be used as a trait object.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What is kept across restarts. Times are Unix seconds.
+#[derive(Clone, Debug, Default)]
+pub struct PersistedState {
+    /// The newest refresh token the endpoint handed out.
+    pub refresh_token: Option<SecretString>,
+    /// When that refresh token was first seen.
+    pub refresh_token_first_seen: Option<u64>,
+    /// The account the tokens act for.
+    pub principal: Option<String>,
+    /// The last access token obtained, for a store that other processes
+    /// read it from. The file store never writes it: the file is one
+    /// process's, and an access token on disk is one more secret at rest.
+    pub access_token: Option<SecretString>,
+    /// When the last access token obtained runs out.
+    pub access_token_expires_at: Option<u64>,
+    /// When the state was written.
+    pub updated_at: u64,
+}
+
+/// A stored state and its version, which grows by one with every save.
+#[derive(Clone, Debug)]
+pub struct Versioned {
+    /// The state.
+    pub state: PersistedState,
+    /// Its version; 0 for a state written before versions were kept.
+    pub version: u64,
+}
+
+/// The right to refresh an account's tokens, for as long as the store grants it.
+#[derive(Debug)]
+pub struct Lease {
+    /// A number that grows with every lease granted; a store that checks it
+    /// refuses a write fenced by an older one.
+    pub fence: u64,
+}
+
+/// Who may refresh now.
+#[derive(Debug)]
+pub enum LeaseGrant {
+    /// This process: refresh, save, then release.
+    Held(Lease),
+    /// Someone else is refreshing: wait to hear of the state they write.
+    Elsewhere,
+}
+
+/// Why state could not be read or written. Texts never hold the contents.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot read the state file {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the state file {path} is not valid JSON (line {line}, column {column}); move it aside and run `goto-auth-proxy login`")]
+    Corrupt {
+        path: std::path::PathBuf,
+        line: usize,
+        column: usize,
+    },
+    #[error("cannot write the state file {path}: {source}")]
+    Write {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Why a save did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    /// Someone saved a newer state since the version the save was based on;
+    /// here it is. Nothing was written.
+    #[error("the stored state has changed since it was read (now version {})", .0.version)]
+    Conflict(Box<Versioned>),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Where token state lives between runs.
+pub trait StateStore: Send + Sync + 'static {
+    /// The stored state, or `None` when there is none yet.
+    fn load(&self) -> BoxFuture<'_, Result<Option<Versioned>, StoreError>>;
+
+    /// Stores `state` durably if the stored version is still `based_on` (0:
+    /// nothing stored yet) and returns the new version; when this returns
+    /// `Ok`, a crash cannot lose it. `lease` is the right to write.
+    fn save<'a>(
+        &'a self,
+        state: PersistedState,
+        based_on: u64,
+        lease: &'a Lease,
+    ) -> BoxFuture<'a, Result<u64, SaveError>>;
+
+    /// Resolves with the stored state once its version is above `seen`
+    /// (a state someone else wrote). Never resolves for a store nobody else writes.
+    fn changed(&self, seen: u64) -> BoxFuture<'_, Result<Versioned, StoreError>>;
+
+    /// Asks for the right to refresh.
+    fn lease(&self) -> BoxFuture<'_, Result<LeaseGrant, StoreError>>;
+
+    /// Gives the right to refresh back.
+    fn release(&self, lease: Lease) -> BoxFuture<'_, ()>;
+
+    /// Where the state lives, for logs and `status`.
+    fn location(&self) -> String;
+}
+
+/// The store of an account whose state file is `state_file`: today that
+/// file, cleaned of what an interrupted write left behind.
+pub fn open(state_file: &std::path::Path) -> Arc<dyn StateStore> {
+    let store = FileStore::new(state_file);
+    match store.remove_leftovers() {
+        Ok(0) => {}
+        Ok(count) => tracing::info!(
+            count,
+            "removed temporary files an interrupted state write left behind"
+        ),
+        Err(error) => tracing::warn!(error = %error, "cannot clean up beside the state file"),
+    }
+    Arc::new(store)
+}
