@@ -290,9 +290,10 @@ fn bootstrap<S: Serializer>(value: &Bootstrap, s: S) -> Result<S::Ok, S::Error> 
         Bootstrap::RefreshToken(secret) => {
             s.collect_str(&format_args!("refresh token from {}", secret.origin))
         }
-        Bootstrap::Pat(secret) => {
-            s.collect_str(&format_args!("personal access token from {}", secret.origin))
-        }
+        Bootstrap::Pat(secret) => s.collect_str(&format_args!(
+            "personal access token from {}",
+            secret.origin
+        )),
         Bootstrap::None => s.serialize_str("none (the state file must hold a refresh token)"),
     }
 }
@@ -320,10 +321,16 @@ mod tests {
     fn defaults_apply() {
         let settings = base().resolve(&env_with_secret).unwrap();
         assert_eq!(settings.listen.to_string(), DEFAULT_LISTEN);
-        assert_eq!(settings.default_account().upstream.to_string(), DEFAULT_UPSTREAM);
+        assert_eq!(
+            settings.default_account().upstream.to_string(),
+            DEFAULT_UPSTREAM
+        );
         assert_eq!(settings.refresh_margin, DEFAULT_REFRESH_MARGIN);
         assert_eq!(settings.retry_body_limit, DEFAULT_RETRY_BODY_LIMIT);
-        assert!(matches!(settings.default_account().bootstrap, Bootstrap::None));
+        assert!(matches!(
+            settings.default_account().bootstrap,
+            Bootstrap::None
+        ));
     }
 
     #[test]
@@ -367,11 +374,11 @@ mod tests {
         };
         assert_eq!(
             custom
-            .resolve(&env_with_secret)
-            .unwrap()
-            .default_account()
-            .upstream
-            .base_path,
+                .resolve(&env_with_secret)
+                .unwrap()
+                .default_account()
+                .upstream
+                .base_path,
             "/goto"
         );
     }
@@ -455,7 +462,6 @@ mod tests {
         );
     }
 
-
     #[test]
     fn paths_that_are_not_utf8_are_refused_naming_the_setting() {
         use std::os::unix::ffi::OsStrExt;
@@ -470,7 +476,11 @@ mod tests {
 
     #[test]
     fn upstream_base_paths_with_dot_segments_are_refused() {
-        for url in ["http://127.0.0.1:9/a/../b", "http://127.0.0.1:9/./a", "http://127.0.0.1:9/a/%2e%2E"] {
+        for url in [
+            "http://127.0.0.1:9/a/../b",
+            "http://127.0.0.1:9/./a",
+            "http://127.0.0.1:9/a/%2e%2E",
+        ] {
             let err = error_of(RunOptions {
                 upstream: Some(url.into()),
                 ..base()
@@ -504,7 +514,10 @@ mod tests {
             "upstream_ca_file = none",
             "log_format = text",
         ] {
-            assert!(listing.contains(&format!("{line}\n")), "{line} missing:\n{listing}");
+            assert!(
+                listing.contains(&format!("{line}\n")),
+                "{line} missing:\n{listing}"
+            );
         }
         assert!(!listing.contains("-value"), "{listing}");
         assert!(!listing.contains("extra_roots_pem"), "{listing}");

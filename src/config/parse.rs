@@ -304,7 +304,10 @@ mod tests {
     fn counts_are_whole_and_positive() {
         assert_eq!(count("--max-connections", Some("8".into()), 1).unwrap(), 8);
         for bad in ["0", "-1", "many", "1.5"] {
-            assert!(count("--max-connections", Some(bad.into()), 1).is_err(), "{bad}");
+            assert!(
+                count("--max-connections", Some(bad.into()), 1).is_err(),
+                "{bad}"
+            );
         }
     }
 

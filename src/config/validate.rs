@@ -132,8 +132,7 @@ impl AccountOptions {
             self.upstream.as_deref().unwrap_or(DEFAULT_UPSTREAM),
             self.allow_custom_upstream.unwrap_or(false),
         )?;
-        let token_url =
-            parse::token_url(self.token_url.as_deref().unwrap_or(DEFAULT_TOKEN_URL))?;
+        let token_url = parse::token_url(self.token_url.as_deref().unwrap_or(DEFAULT_TOKEN_URL))?;
         let client_id = self
             .client_id
             .filter(|id| !id.trim().is_empty())
