@@ -133,11 +133,7 @@ mod tests {
     #[test]
     fn a_young_refresh_token_is_usable_and_never_printed() {
         let now = 1_800_000_000;
-        let (text, verdict) = report(
-            "/s.json",
-            Some(&state(3, now)),
-            unix_to_time(now),
-        );
+        let (text, verdict) = report("/s.json", Some(&state(3, now)), unix_to_time(now));
         assert_eq!(verdict, Verdict::Usable);
         assert!(text.contains("ann@example.com"), "{text}");
         assert!(text.contains("(in 30m)"), "{text}");
@@ -148,11 +144,7 @@ mod tests {
     #[test]
     fn an_old_refresh_token_is_stale() {
         let now = 1_800_000_000;
-        let (text, verdict) = report(
-            "/s.json",
-            Some(&state(26, now)),
-            unix_to_time(now),
-        );
+        let (text, verdict) = report("/s.json", Some(&state(26, now)), unix_to_time(now));
         assert_eq!(verdict, Verdict::Stale);
         assert_eq!(verdict.exit_code(), 2);
         assert!(text.contains("WARNING"), "{text}");
@@ -163,9 +155,6 @@ mod tests {
         let now = unix_to_time(1_800_000_000);
         assert_eq!(report("/s.json", None, now).1, Verdict::Missing);
         let empty = PersistedState::default();
-        assert_eq!(
-            report("/s.json", Some(&empty), now).1,
-            Verdict::Missing
-        );
+        assert_eq!(report("/s.json", Some(&empty), now).1, Verdict::Missing);
     }
 }

@@ -369,3 +369,57 @@ fn bench_reports_the_added_latency_and_plots_both_distributions() {
     let svg = std::fs::read_to_string(&plot).unwrap();
     assert_eq!(svg.matches("<polyline").count(), 2, "{svg}");
 }
+
+#[test]
+fn status_warns_of_a_state_file_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.json");
+    write_state(&path, "rt-status-secret", 1);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let output = proxy_command()
+        .args(["status", "--state-file"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("can be read by other users"), "{stderr}");
+    assert!(stderr.contains("chmod 600"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!stdout.contains("rt-status-secret") && !stderr.contains("rt-status-secret"));
+}
+
+#[test]
+fn a_path_that_is_not_utf8_exits_64_naming_the_setting() {
+    use std::os::unix::ffi::OsStrExt;
+    let odd = std::ffi::OsStr::from_bytes(b"/tmp/\xff\xfe/state.json");
+    let output = proxy_command()
+        .args(["run", "--check", "--client-id", "x", "--state-file"])
+        .arg(odd)
+        .env("GOTO_CLIENT_SECRET", "s")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("--state-file"), "{stderr}");
+    assert!(stderr.contains("UTF-8"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn a_duration_that_would_overflow_exits_64() {
+    for (flag, value) in [
+        ("--refresh-margin", "10000000000000000000s"),
+        ("--drain-timeout", "600000years"),
+    ] {
+        let output = proxy_command()
+            .args(["run", "--check", "--client-id", "x", flag, value])
+            .env("GOTO_CLIENT_SECRET", "s")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(64), "{flag}: {stderr}");
+        assert!(stderr.contains(flag), "{stderr}");
+    }
+}

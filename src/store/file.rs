@@ -83,7 +83,9 @@ impl FileStore {
 
     /// Reads the file now, on the calling thread.
     pub fn load_blocking(&self) -> Result<Option<PersistedState>, StoreError> {
-        Ok(self.load_versioned_blocking()?.map(|versioned| versioned.state))
+        Ok(self
+            .load_versioned_blocking()?
+            .map(|versioned| versioned.state))
     }
 
     fn load_versioned_blocking(&self) -> Result<Option<Versioned>, StoreError> {
@@ -154,12 +156,8 @@ impl FileStore {
         let outcome = self.locked(|| match self.load_versioned_blocking() {
             Ok(Some(stored)) if stored.version > based_on => Ok(Err(stored)),
             // A corrupt file is replaced: the state in hand is the good one.
-            Ok(_) | Err(StoreError::Corrupt { .. }) => {
-                self.write(state, based_on + 1).map(Ok)
-            }
-            Err(StoreError::Read { source, .. } | StoreError::Write { source, .. }) => {
-                Err(source)
-            }
+            Ok(_) | Err(StoreError::Corrupt { .. }) => self.write(state, based_on + 1).map(Ok),
+            Err(StoreError::Read { source, .. } | StoreError::Write { source, .. }) => Err(source),
         });
         match outcome {
             Ok(Ok(version)) => Ok(version),
@@ -231,7 +229,9 @@ impl StateStore for FileStore {
         _lease: &'a Lease,
     ) -> BoxFuture<'a, Result<u64, SaveError>> {
         let store = self.clone();
-        Box::pin(async move { run_blocking(move || store.save_if_blocking(&state, based_on)).await })
+        Box::pin(
+            async move { run_blocking(move || store.save_if_blocking(&state, based_on)).await },
+        )
     }
 
     fn changed(&self, seen: u64) -> BoxFuture<'_, Result<Versioned, StoreError>> {
@@ -243,7 +243,10 @@ impl StateStore for FileStore {
                 let probe = store.clone();
                 let (fingerprint, stored) = run_blocking(move || {
                     let fingerprint = probe.fingerprint();
-                    (fingerprint, fingerprint.map(|_| probe.load_versioned_blocking()))
+                    (
+                        fingerprint,
+                        fingerprint.map(|_| probe.load_versioned_blocking()),
+                    )
                 })
                 .await;
                 if fingerprint == last {
@@ -456,10 +459,7 @@ mod tests {
         match store.save_if_blocking(&state("stale"), first) {
             Err(SaveError::Conflict(newer)) => {
                 assert_eq!(newer.version, 2);
-                assert_eq!(
-                    newer.state.refresh_token.unwrap().expose_secret(),
-                    "two"
-                );
+                assert_eq!(newer.state.refresh_token.unwrap().expose_secret(), "two");
             }
             other => panic!("expected a conflict, got {other:?}"),
         }
