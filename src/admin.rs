@@ -56,9 +56,7 @@ impl Answer for AdminService {
                     format!("failing: {why}\n"),
                 ),
             },
-            "/readyz" if self.is_ready() => {
-                response(StatusCode::OK, "text/plain", "ready\n")
-            }
+            "/readyz" if self.is_ready() => response(StatusCode::OK, "text/plain", "ready\n"),
             "/readyz" => response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",

@@ -72,7 +72,11 @@ impl Supervisor {
     }
 
     /// Runs `task` under supervision.
-    pub fn spawn(&mut self, name: impl Into<String>, task: impl Future<Output = ()> + Send + 'static) {
+    pub fn spawn(
+        &mut self,
+        name: impl Into<String>,
+        task: impl Future<Output = ()> + Send + 'static,
+    ) {
         let handle = self.tasks.spawn(task);
         self.names.push((handle.id(), name.into()));
     }

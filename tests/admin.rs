@@ -110,3 +110,43 @@ async fn health_readiness_and_metrics() {
         .unwrap();
     assert_eq!(unknown.status(), 404);
 }
+
+#[tokio::test]
+async fn healthz_turns_503_once_a_background_task_has_failed() {
+    use goto_auth_proxy::admin::AdminService;
+    use goto_auth_proxy::metrics::Metrics;
+    use goto_auth_proxy::proxy::route::{Router, RoutingTable};
+    use goto_auth_proxy::server::{serve, ServerOptions};
+    use goto_auth_proxy::supervisor::{Health, Supervisor};
+    use std::sync::Arc;
+
+    let health = Arc::new(Health::new());
+    let metrics = Arc::new(Metrics::new());
+    let admin = Arc::new(AdminService::new(
+        Arc::new(Router::new(RoutingTable::default())),
+        metrics.clone(),
+        health.clone(),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_stop, signal) = goto_auth_proxy::shutdown::channel();
+    let options = ServerOptions {
+        header_read_timeout: std::time::Duration::from_secs(10),
+        max_header_bytes: 64 * 1024,
+        drain_timeout: std::time::Duration::from_secs(1),
+        max_connections: 8,
+    };
+    tokio::spawn(serve("admin", listener, admin, options, metrics, signal));
+    let url = format!("http://{addr}/healthz");
+    assert_eq!(common::status_of(&url).await, 200);
+    let mut supervisor = Supervisor::new(health);
+    supervisor.spawn("refresher of account default", async {
+        panic!("the refresher broke")
+    });
+    let exit = supervisor.failure().await;
+    assert!(exit.panicked);
+    let response = client().get(&url).send().await.unwrap();
+    assert_eq!(response.status(), 503);
+    let text = response.text().await.unwrap();
+    assert!(text.contains("refresher of account default"), "{text}");
+}

@@ -60,7 +60,7 @@ async fn rotation_revocation_and_failing_refreshes_under_load_lose_no_request() 
                 let mut turn = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     turn += 1;
-                    let request = if (worker + turn) % 2 == 0 {
+                    let request = if (worker + turn).is_multiple_of(2) {
                         client.get(s.proxy.url(&format!("/G2M/rest/meetings/{turn}")))
                     } else {
                         client

@@ -123,11 +123,20 @@ mod tests {
     async fn the_token_is_refreshed_once_per_request_and_only_with_the_body() {
         let mut policy = RetryPolicy::new(Duration::from_secs(60));
         policy.next_send().unwrap();
-        assert!(!policy.allows(Cause::TokenRefused, false), "the body is gone");
-        assert!(!policy.allows(Cause::Unprocessed, false), "the body is gone");
+        assert!(
+            !policy.allows(Cause::TokenRefused, false),
+            "the body is gone"
+        );
+        assert!(
+            !policy.allows(Cause::Unprocessed, false),
+            "the body is gone"
+        );
         assert!(policy.allows(Cause::TokenRefused, true));
         policy.next_send().unwrap();
-        assert!(!policy.allows(Cause::TokenRefused, true), "a second refusal is the answer");
+        assert!(
+            !policy.allows(Cause::TokenRefused, true),
+            "a second refusal is the answer"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -225,7 +225,9 @@ mod tests {
             RouteError::UnknownAccount("nope".into())
         );
         assert_eq!(
-            router.route(&mut parts("/acct/a/x", Some("b"))).unwrap_err(),
+            router
+                .route(&mut parts("/acct/a/x", Some("b")))
+                .unwrap_err(),
             RouteError::Conflicting
         );
     }

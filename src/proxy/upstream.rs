@@ -182,10 +182,11 @@ impl Upstream {
     ) -> Result<Response<Incoming>, AttemptError> {
         let absolute = request.uri().clone();
         let idempotent = request.method().is_idempotent();
-        let Lease { mut sender, reused } =
-            self.pool.checkout(affinity).await.map_err(|e| {
-                AttemptError::Fatal(ProxyError::UpstreamUnreachable(chain(&e)))
-            })?;
+        let Lease { mut sender, reused } = self
+            .pool
+            .checkout(affinity)
+            .await
+            .map_err(|e| AttemptError::Fatal(ProxyError::UpstreamUnreachable(chain(&e))))?;
         self.address(&mut request, &absolute, sender.is_http2());
         match sender.send(request).await {
             Ok(response) => {
@@ -310,13 +311,20 @@ mod tests {
     fn a_client_path_cannot_leave_the_base_path() {
         let prefixed = upstream("https://egress.example/goto");
         for (requested, expected) in [
-            ("/G2M/rest/meetings?x=1", "https://egress.example/goto/G2M/rest/meetings?x=1"),
+            (
+                "/G2M/rest/meetings?x=1",
+                "https://egress.example/goto/G2M/rest/meetings?x=1",
+            ),
             ("/../admin", "https://egress.example/goto/admin"),
             ("/a/../../../admin?q", "https://egress.example/goto/admin?q"),
             ("/%2e%2e/admin", "https://egress.example/goto/admin"),
             ("/./a/.", "https://egress.example/goto/a/"),
         ] {
-            assert_eq!(joined(&prefixed, requested).unwrap(), expected, "{requested}");
+            assert_eq!(
+                joined(&prefixed, requested).unwrap(),
+                expected,
+                "{requested}"
+            );
         }
         for smuggled in ["/..%2fadmin", "/a/%2F..%2F..%2Fadmin", "/..%5cadmin"] {
             assert!(
@@ -354,8 +362,17 @@ mod tests {
             authority: authority.parse().unwrap(),
         };
         let one = pools.pool(&key(Scheme::HTTPS, "api.getgo.com"));
-        assert!(Arc::ptr_eq(&one, &pools.pool(&key(Scheme::HTTPS, "API.getgo.com"))));
-        assert!(!Arc::ptr_eq(&one, &pools.pool(&key(Scheme::HTTPS, "api.goto.com"))));
-        assert!(!Arc::ptr_eq(&one, &pools.pool(&key(Scheme::HTTP, "api.getgo.com"))));
+        assert!(Arc::ptr_eq(
+            &one,
+            &pools.pool(&key(Scheme::HTTPS, "API.getgo.com"))
+        ));
+        assert!(!Arc::ptr_eq(
+            &one,
+            &pools.pool(&key(Scheme::HTTPS, "api.goto.com"))
+        ));
+        assert!(!Arc::ptr_eq(
+            &one,
+            &pools.pool(&key(Scheme::HTTP, "api.getgo.com"))
+        ));
     }
 }

@@ -42,7 +42,7 @@ pub(super) async fn handle(shared: &Shared, request: Request<Incoming>) -> Respo
     let fault = {
         let mut state = lock(shared);
         let count = state.token_request_times.len() as u64;
-        let scheduled = state.shape.fail_every > 0 && count % state.shape.fail_every == 0;
+        let scheduled = state.shape.fail_every > 0 && count.is_multiple_of(state.shape.fail_every);
         state
             .faults
             .pop_front()
@@ -157,7 +157,8 @@ fn issue(shared: &Shared, state: &mut State, send_refresh_token: bool) -> serde_
     );
     state.issued.retain(|_, t| t.expires_at > Instant::now());
     state.refreshes += 1;
-    let rotate = state.shape.rotate_every > 0 && state.refreshes % state.shape.rotate_every == 0;
+    let rotate =
+        state.shape.rotate_every > 0 && state.refreshes.is_multiple_of(state.shape.rotate_every);
     if rotate {
         state.rotate_refresh_token();
     }

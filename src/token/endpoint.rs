@@ -125,17 +125,11 @@ impl EndpointError {
 /// Where the refresher gets tokens: the token endpoint, or a fake in tests.
 pub trait TokenClient: Send + Sync + 'static {
     /// Exchanges `grant` for an access token.
-    fn request<'a>(
-        &'a self,
-        grant: &'a Grant,
-    ) -> BoxFuture<'a, Result<TokenGrant, EndpointError>>;
+    fn request<'a>(&'a self, grant: &'a Grant) -> BoxFuture<'a, Result<TokenGrant, EndpointError>>;
 }
 
 impl TokenClient for TokenEndpoint {
-    fn request<'a>(
-        &'a self,
-        grant: &'a Grant,
-    ) -> BoxFuture<'a, Result<TokenGrant, EndpointError>> {
+    fn request<'a>(&'a self, grant: &'a Grant) -> BoxFuture<'a, Result<TokenGrant, EndpointError>> {
         Box::pin(TokenEndpoint::request(self, grant))
     }
 }

@@ -719,7 +719,10 @@ mod tests {
 
         /// What the fake token endpoint answers, in order; then good tokens.
         enum Answer {
-            Token { lifetime: u64, rotate_to: Option<&'static str> },
+            Token {
+                lifetime: u64,
+                rotate_to: Option<&'static str>,
+            },
             Unreachable,
             RetryAfter(u64),
             Rejected,
@@ -889,7 +892,12 @@ mod tests {
             store: &Arc<MemoryStore>,
         ) -> Running {
             let source = Arc::new(TokenSource::new());
-            let version = store.stored.lock().unwrap().as_ref().map_or(0, |s| s.version);
+            let version = store
+                .stored
+                .lock()
+                .unwrap()
+                .as_ref()
+                .map_or(0, |s| s.version);
             let refresher = Refresher::new(
                 endpoint.clone(),
                 credential,
@@ -956,8 +964,14 @@ mod tests {
             assert_eq!(times.len(), 4, "three failures, then a token");
             let first = times[1] - times[0];
             let second = times[2] - times[1];
-            assert!(first >= BACKOFF_BASE / 2 && first <= BACKOFF_BASE, "{first:?}");
-            assert!(second >= BACKOFF_BASE && second <= BACKOFF_BASE * 2, "{second:?}");
+            assert!(
+                first >= BACKOFF_BASE / 2 && first <= BACKOFF_BASE,
+                "{first:?}"
+            );
+            assert!(
+                second >= BACKOFF_BASE && second <= BACKOFF_BASE * 2,
+                "{second:?}"
+            );
             assert!(
                 times[3] - times[2] >= Duration::from_secs(20),
                 "Retry-After is honoured"
@@ -966,7 +980,7 @@ mod tests {
 
         #[tokio::test(start_paused = true)]
         async fn a_rejection_waits_for_a_new_state_and_then_recovers() {
-            let endpoint = FakeEndpoint::script([Answer::Rejected, Answer::Rejected]);
+            let endpoint = FakeEndpoint::script([Answer::Rejected]);
             let store = MemoryStore::new();
             let running = start(&endpoint, refresh_token("rt-dead", None), &store);
             sleep(Duration::from_secs(60)).await;
@@ -991,7 +1005,11 @@ mod tests {
             let endpoint = FakeEndpoint::script([Answer::Rejected]);
             let store = MemoryStore::new();
             store.put(stored("rt-stale"));
-            let running = start(&endpoint, refresh_token("rt-stale", Some("rt-bootstrap")), &store);
+            let running = start(
+                &endpoint,
+                refresh_token("rt-stale", Some("rt-bootstrap")),
+                &store,
+            );
             store.stored.lock().unwrap().as_mut().unwrap().state = stored("rt-rotated-elsewhere");
             sleep(Duration::from_secs(1)).await;
             assert!(running.source.is_ready());
