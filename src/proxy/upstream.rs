@@ -289,16 +289,19 @@ fn never_dispatched(error: &(dyn std::error::Error + 'static)) -> bool {
 mod tests {
     use super::*;
 
-    fn upstream(url: &str) -> Upstream {
-        let pools = Pools::new(
+    fn pools() -> Pools {
+        Pools::new(
             &ConnectOptions {
                 extra_roots_pem: None,
                 connect_timeout: Duration::from_secs(1),
             },
             Arc::new(Metrics::new()),
         )
-        .unwrap();
-        Upstream::new(UpstreamUrl::parse(url, true).unwrap(), &pools)
+        .unwrap()
+    }
+
+    fn upstream(url: &str) -> Upstream {
+        Upstream::new(UpstreamUrl::parse(url, true).unwrap(), &pools())
     }
 
     fn joined(upstream: &Upstream, requested: &str) -> Result<String, ProxyError> {
@@ -349,14 +352,7 @@ mod tests {
 
     #[test]
     fn pools_are_keyed_by_upstream() {
-        let pools = Pools::new(
-            &ConnectOptions {
-                extra_roots_pem: None,
-                connect_timeout: Duration::from_secs(1),
-            },
-            Arc::new(Metrics::new()),
-        )
-        .unwrap();
+        let pools = pools();
         let key = |scheme: Scheme, authority: &str| UpstreamKey {
             scheme,
             authority: authority.parse().unwrap(),
