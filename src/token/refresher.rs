@@ -205,8 +205,8 @@ impl Refresher {
                     continue;
                 }
                 Wake::Heard(stored) => {
-                    let token_adopted = self.adopt(stored);
-                    match (token_adopted, phase) {
+                    let adopted = self.adopt(stored);
+                    match (adopted.access_token_lifetime, phase) {
                         (Some(lifetime), _) => {
                             phase = Phase::Scheduled;
                             next_refresh = Instant::now() + refresh_delay(lifetime, self.margin);
@@ -331,40 +331,55 @@ impl Refresher {
     async fn follow(&mut self, store: &dyn StateStore) -> Result<Duration, Failure> {
         tracing::debug!("another process holds the refresh lease; waiting for its token");
         match tokio::time::timeout(FOLLOW_WAIT, store.changed(self.version)).await {
-            Ok(Ok(stored)) => self.adopt(stored).ok_or(Failure::NothingHeard),
+            Ok(Ok(stored)) => self
+                .adopt(stored)
+                .access_token_lifetime
+                .ok_or(Failure::NothingHeard),
             Ok(Err(error)) => Err(Failure::Store(error)),
             Err(_) => Err(Failure::NothingHeard),
         }
     }
 
     /// Takes a state someone else stored: its refresh token for the next
-    /// refresh, and its access token, if it carries a valid one, at once
-    /// (then returns that token's lifetime left).
-    fn adopt(&mut self, stored: Versioned) -> Option<Duration> {
+    /// refresh, and its access token, if it carries a valid one, at once.
+    fn adopt(&mut self, stored: Versioned) -> Adopted {
         self.version = stored.version;
         let state = stored.state;
+        let mut refresh_token_changed = false;
         if let (Credential::RefreshToken { current, since, .. }, Some(token)) =
             (&mut self.credential, state.refresh_token)
         {
             if token.expose_secret() != current.expose_secret() {
-                tracing::info!("another writer stored a newer refresh token; using it from now on");
                 *current = token;
                 *since = state.refresh_token_first_seen.unwrap_or_else(unix_now);
+                refresh_token_changed = true;
             }
         }
         if let Some(principal) = state.principal {
             self.principal = Some(principal.into());
         }
-        let lifetime = Duration::from_secs(
-            state
-                .access_token_expires_at?
-                .checked_sub(unix_now())
-                .filter(|left| *left > 0)?,
-        );
-        let token = AccessToken::new(&state.access_token?, lifetime).ok()?;
-        self.log_new_token(&token, self.source.snapshot().generation == 0, false);
-        self.publish(token);
-        Some(lifetime)
+        let access_token_lifetime = state
+            .access_token_expires_at
+            .and_then(|at| at.checked_sub(unix_now()))
+            .filter(|left| *left > 0)
+            .map(Duration::from_secs)
+            .zip(state.access_token)
+            .and_then(|(lifetime, token)| {
+                let token = AccessToken::new(&token, lifetime).ok()?;
+                self.log_new_token(&token, self.source.snapshot().generation == 0, false);
+                self.publish(token);
+                Some(lifetime)
+            });
+        if refresh_token_changed {
+            tracing::info!(
+                version = self.version,
+                "another writer stored a newer refresh token; using it from now on"
+            );
+        }
+        Adopted {
+            refresh_token_changed,
+            access_token_lifetime,
+        }
     }
 
     /// One token request; on a rejection, first a refresh token someone
@@ -601,27 +616,14 @@ impl Refresher {
         let Some(store) = self.store.clone() else {
             return false;
         };
-        let Credential::RefreshToken { current, .. } = &self.credential else {
-            return false;
-        };
-        let stored = match store.load().await {
-            Ok(Some(stored)) => stored,
-            Ok(None) => return false,
+        match store.load().await {
+            Ok(Some(stored)) => self.adopt(stored).refresh_token_changed,
+            Ok(None) => false,
             Err(error) => {
                 tracing::warn!(error = %error, "cannot read the state file for a new refresh token");
-                return false;
+                false
             }
-        };
-        let differs = stored
-            .state
-            .refresh_token
-            .as_ref()
-            .is_some_and(|token| token.expose_secret() != current.expose_secret());
-        if differs {
-            tracing::info!(path = %store.location(), "found a new refresh token in the state file; trying it");
-            self.adopt(stored);
         }
-        differs
     }
 
     /// Publishes a state change, keeping the current token.
@@ -632,6 +634,14 @@ impl Refresher {
             ..(*previous).clone()
         });
     }
+}
+
+/// What taking a stored state changed.
+struct Adopted {
+    /// The refresh token differs from the one held before.
+    refresh_token_changed: bool,
+    /// The state carried a valid access token, now published; its lifetime left.
+    access_token_lifetime: Option<Duration>,
 }
 
 /// Why a refresh gave no token.
