@@ -148,15 +148,25 @@ pub(super) fn utf8_path(
     }
 }
 
+/// `parse(value)` for a value given, `default` for none.
+fn given_or<T>(
+    value: Option<String>,
+    default: T,
+    parse: impl FnOnce(&str) -> Result<T, ConfigError>,
+) -> Result<T, ConfigError> {
+    value.map_or(Ok(default), |value| parse(&value))
+}
+
 /// A duration such as `300s` or `1h30m`, at most [`MAX_DURATION`].
 pub(super) fn duration(
     setting: &'static str,
     value: Option<String>,
     default: Duration,
 ) -> Result<Duration, ConfigError> {
-    let Some(value) = value else {
-        return Ok(default);
-    };
+    given_or(value, default, |value| duration_value(setting, value))
+}
+
+fn duration_value(setting: &'static str, value: &str) -> Result<Duration, ConfigError> {
     let parsed = humantime::parse_duration(value.trim()).map_err(|_| {
         ConfigError::new(
             setting,
@@ -194,9 +204,10 @@ pub(super) fn size(
     value: Option<String>,
     default: usize,
 ) -> Result<usize, ConfigError> {
-    let Some(value) = value else {
-        return Ok(default);
-    };
+    given_or(value, default, |value| size_value(setting, value))
+}
+
+fn size_value(setting: &'static str, value: &str) -> Result<usize, ConfigError> {
     let text = value.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
@@ -229,20 +240,19 @@ pub(super) fn count(
     value: Option<String>,
     default: usize,
 ) -> Result<usize, ConfigError> {
-    let Some(value) = value else {
-        return Ok(default);
-    };
-    value
-        .trim()
-        .parse::<usize>()
-        .ok()
-        .filter(|n| *n > 0)
-        .ok_or_else(|| {
-            ConfigError::new(
-                setting,
-                format!("{value:?} is not a whole number of at least 1"),
-            )
-        })
+    given_or(value, default, |value| {
+        value
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                ConfigError::new(
+                    setting,
+                    format!("{value:?} is not a whole number of at least 1"),
+                )
+            })
+    })
 }
 
 pub(super) fn log_format(value: Option<&str>) -> Result<LogFormat, ConfigError> {
