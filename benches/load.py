@@ -14,6 +14,7 @@ goto-auth-proxy to nginx. Also over TLS to the upstream (--tls).
 
     python3 benches/load.py                      # plain upstream, 1/32/256 connections
     python3 benches/load.py --tls --rounds 5     # TLS upstream (rustls vs nginx's OpenSSL)
+    python3 benches/load.py --baseline OLD/goto-auth-proxy   # and an older build, side by side
 
 Needs wrk and nginx (Debian: apt-get install wrk nginx-light; the script
 installs them when run as root) and a release build (it runs cargo build).
@@ -135,6 +136,8 @@ def main():
     parser.add_argument("--connections", default="1,32,256")
     parser.add_argument("--tls", action="store_true", help="TLS between the proxies and the upstream")
     parser.add_argument("--svg", metavar="FILE", help="also draw req/s and p99 per target as an SVG chart")
+    parser.add_argument("--baseline", metavar="BINARY",
+                        help="also load another goto-auth-proxy build (say, of the previous commit), set up alike")
     args = parser.parse_args()
     ensure_tools()
     subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "goto-auth-proxy"], cwd=ROOT, check=True)
@@ -167,20 +170,27 @@ def main():
         processes.append(upstream)
         nginx = start_nginx(work, "nginx", backend, 2)
         processes.append(nginx)
-        command = [os.path.join(ROOT, "target/release/goto-auth-proxy"), "demo",
-                   "--listen", f"127.0.0.1:{gap_port}", "--admin-listen", f"127.0.0.1:{admin_port}",
-                   "--upstream", upstream_url, "--token-lifetime", "3600s"]
-        if args.tls:
-            command += ["--upstream-ca-file", os.path.join(certs, "test-ca.pem")]
-        proxy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 env={**os.environ, "RUST_LOG": "warn"})
-        processes.append(proxy)
-        wait_http(f"http://127.0.0.1:{admin_port}/readyz")
+        def start_proxy(binary, port, admin):
+            command = [binary, "demo", "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
+                       "--upstream", upstream_url, "--token-lifetime", "3600s"]
+            if args.tls:
+                command += ["--upstream-ca-file", os.path.join(certs, "test-ca.pem")]
+            started = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                       env={**os.environ, "RUST_LOG": "warn"})
+            processes.append(started)
+            wait_http(f"http://127.0.0.1:{admin}/readyz")
+            return started
+
+        proxy = start_proxy(os.path.join(ROOT, "target/release/goto-auth-proxy"), gap_port, admin_port)
         targets = {
             "direct": f"{'https' if args.tls else 'http'}://127.0.0.1:{up_port}/bench",
             "proxy": f"http://127.0.0.1:{gap_port}/bench",
             "nginx": f"http://127.0.0.1:{ngx_port}/bench",
         }
+        if args.baseline:
+            base_port, base_admin = free_port(), free_port()
+            start_proxy(os.path.abspath(args.baseline), base_port, base_admin)
+            targets["baseline"] = f"http://127.0.0.1:{base_port}/bench"
         if args.tls:
             # wrk to a TLS upstream would measure wrk's TLS; the direct baseline stays plain.
             plain_port = free_port()
@@ -216,6 +226,10 @@ def main():
             print(f"      goto-auth-proxy / nginx: req/s {proxy_m[0] / nginx_m[0]:.2f}x, "
                   f"p99 {proxy_m[2] / nginx_m[2]:.2f}x; added p50 over direct: "
                   f"proxy {proxy_m[1] - direct_m[1]:.3f} ms, nginx {nginx_m[1] - direct_m[1]:.3f} ms")
+            if "baseline" in medians:
+                base_m = medians["baseline"]
+                print(f"      goto-auth-proxy / baseline: req/s {proxy_m[0] / base_m[0]:.2f}x, "
+                      f"p99 {proxy_m[2] / base_m[2]:.2f}x")
         if args.svg:
             write_chart(args.svg, connection_counts, list(targets), all_medians,
                         f"upstream over {'TLS' if args.tls else 'plain HTTP'}, medians of {args.rounds} rounds")
@@ -234,7 +248,7 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
 
 
-COLOURS = {"direct": "#9e9e9e", "proxy": "#1565c0", "nginx": "#2e7d32"}
+COLOURS = {"direct": "#9e9e9e", "proxy": "#1565c0", "nginx": "#2e7d32", "baseline": "#ef6c00"}
 
 
 def write_chart(path, connection_counts, names, medians, title):
