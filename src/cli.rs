@@ -30,7 +30,9 @@ pub enum Command {
     /// Measure the latency the proxy adds, on this machine, against an in-process stand-in
     Bench(BenchArgs),
     /// Show the state file: principal, access-token expiry, refresh-token age (never a token)
-    Status(StatusArgs),
+    Status(StateFileArgs),
+    /// The local certificate authority that forward mode's TLS interception uses
+    Ca(CaArgs),
 }
 
 /// Arguments of `bench`.
@@ -47,9 +49,10 @@ pub struct BenchArgs {
     pub plot: Option<PathBuf>,
 }
 
-/// Arguments of `status`.
+/// Where the state file is, found as `run` finds it: the arguments of
+/// `status`, and part of those of `ca init`.
 #[derive(clap::Args, Debug)]
-pub struct StatusArgs {
+pub struct StateFileArgs {
     /// The TOML file `run` uses; its state_file is read
     #[arg(long, env = "GOTO_PROXY_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
@@ -58,7 +61,7 @@ pub struct StatusArgs {
     pub state_file: Option<PathBuf>,
 }
 
-impl StatusArgs {
+impl StateFileArgs {
     /// The state file `run` would use with the same flags, env and config file.
     pub fn state_file(
         &self,
@@ -75,6 +78,35 @@ impl StatusArgs {
             .state_file
             .unwrap_or_else(|| default_state_file(lookup_env)))
     }
+}
+
+/// Arguments of `ca`.
+#[derive(clap::Args, Debug)]
+pub struct CaArgs {
+    /// What to do with the CA.
+    #[command(subcommand)]
+    pub command: CaCommand,
+}
+
+/// The subcommands of `ca`.
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// Create the CA (ca.pem, ca-key.pem) and print how to make clients trust it
+    Init(CaInitArgs),
+}
+
+/// Arguments of `ca init`.
+#[derive(clap::Args, Debug)]
+pub struct CaInitArgs {
+    /// The state file; the CA goes into its directory unless --dir is given.
+    #[command(flatten)]
+    pub location: StateFileArgs,
+    /// Write ca.pem and ca-key.pem here instead of the state file's directory
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Replace existing files (clients that trust the old CA then need the new one)
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Arguments of `demo`.

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod app;
 pub mod bench;
+pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod demo;

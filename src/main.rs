@@ -6,12 +6,14 @@ use std::time::SystemTime;
 use clap::Parser;
 use goto_auth_proxy::app::{self, Listeners};
 use goto_auth_proxy::bench::BenchOptions;
-use goto_auth_proxy::cli::{BenchArgs, Cli, Command, DemoArgs, LoginArgs, RunArgs, StatusArgs};
+use goto_auth_proxy::cli::{
+    BenchArgs, CaCommand, CaInitArgs, Cli, Command, DemoArgs, LoginArgs, RunArgs, StateFileArgs,
+};
 use goto_auth_proxy::config::{ConfigError, LogFormat, RunOptions, Settings};
 use goto_auth_proxy::demo::DemoOptions;
 use goto_auth_proxy::login::LoginOptions;
 use goto_auth_proxy::status::Verdict;
-use goto_auth_proxy::{shutdown, telemetry};
+use goto_auth_proxy::{ca, shutdown, telemetry};
 
 /// Exit status for a configuration error (EX_USAGE of sysexits.h).
 const EXIT_CONFIG: u8 = 64;
@@ -24,6 +26,9 @@ fn main() -> ExitCode {
         Command::Status(args) => status(args),
         Command::Login(args) => login(*args),
         Command::Bench(args) => bench(args),
+        Command::Ca(args) => match args.command {
+            CaCommand::Init(args) => ca_init(args),
+        },
     }
 }
 
@@ -79,7 +84,7 @@ fn resolve(options: Result<RunOptions, ConfigError>) -> Result<Settings, ExitCod
         })
 }
 
-fn status(args: StatusArgs) -> ExitCode {
+fn status(args: StateFileArgs) -> ExitCode {
     // Warnings (a state file others can read) go to stderr; the report is the output.
     telemetry::init(LogFormat::Text, "warn");
     let path = match args.state_file(&|name| std::env::var(name).ok()) {
@@ -103,6 +108,34 @@ fn status(args: StatusArgs) -> ExitCode {
         print!("{text}");
         ExitCode::from(verdict.exit_code())
     })
+}
+
+/// `ca init`: the CA goes into --dir, or beside the state file `run` would use.
+fn ca_init(args: CaInitArgs) -> ExitCode {
+    telemetry::init(LogFormat::Text, "warn");
+    let default_dir = args
+        .location
+        .state_file(&|name| std::env::var(name).ok())
+        .map(|state_file| ca::init::default_dir(&state_file));
+    let dir = match (args.dir, default_dir.as_ref()) {
+        (Some(dir), _) => dir,
+        (None, Ok(dir)) => dir.clone(),
+        (None, Err(error)) => {
+            eprintln!("goto-auth-proxy: configuration error: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match ca::init::init(&dir, args.force) {
+        Ok(written) => {
+            let default_location = default_dir.is_ok_and(|default| default == dir);
+            print!("{}", ca::init::report(&written, default_location));
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("goto-auth-proxy: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {
