@@ -56,6 +56,7 @@ fn router(tokens: Arc<TokenSource>) -> Router {
         &ConnectOptions {
             extra_roots_pem: None,
             connect_timeout: Duration::from_secs(5),
+            connect_to: Arc::default(),
         },
         Arc::new(Metrics::new()),
     )

@@ -7,14 +7,18 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 use crate::admin::AdminService;
 use crate::config::{AccountSettings, Bootstrap, Settings};
+use crate::front::gate::ClientKey;
+use crate::front::intercept::NoAuthority;
+use crate::front::{Forwarder, FrontDoor};
 use crate::metrics::Metrics;
 use crate::proxy::route::{Route, RoutePolicy, Router, RoutingTable};
 use crate::proxy::upstream::{ConnectOptions, Pools, Upstream};
 use crate::proxy::ProxyService;
-use crate::server::{serve, ServerOptions};
+use crate::server::{serve, Server, ServerOptions};
 use crate::shutdown::ShutdownSignal;
 use crate::store::{StateStore, StoreError};
 use crate::supervisor::{Exit, Health, Supervisor};
@@ -48,6 +52,8 @@ pub enum StartError {
     TokenClient(#[from] reqwest::Error),
     #[error("{0}")]
     TaskFailed(Exit),
+    #[error(transparent)]
+    NoAuthority(#[from] NoAuthority),
 }
 
 /// The proxy's and the admin listener's sockets, bound before [`run`] so a
@@ -128,13 +134,14 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new());
-    let pools = Pools::new(
+    let pools = Arc::new(Pools::new(
         &ConnectOptions {
             extra_roots_pem: settings.extra_roots_pem.clone(),
             connect_timeout: settings.connect_timeout,
+            connect_to: settings.connect_to.clone(),
         },
         metrics.clone(),
-    )?;
+    )?);
     let mut supervisor = Supervisor::new(health.clone());
     // The refreshers outlive the drain: a request in flight may still need a refresh.
     let (stop_refreshers, refreshers_signal) = crate::shutdown::channel();
@@ -148,7 +155,11 @@ pub async fn run(
         routes.push(route);
     }
     let router = Arc::new(Router::new(RoutingTable::new(routes)));
-    let proxy = Arc::new(ProxyService::new(router.clone(), metrics.clone()));
+    let proxy = Arc::new(ProxyService::new(
+        router.clone(),
+        metrics.clone(),
+        settings.access.allow_requests.clone(),
+    ));
     let admin = Arc::new(AdminService::new(router, metrics.clone(), health));
     let server_options = ServerOptions {
         header_read_timeout: settings.header_read_timeout,
@@ -156,27 +167,32 @@ pub async fn run(
         drain_timeout: settings.drain_timeout,
         max_connections: settings.max_connections,
     };
+    let proxy_server = Arc::new(Server::new("proxy", server_options.clone()));
+    let front = Arc::new(front_door(&settings, proxy, &proxy_server, pools)?);
     log_start(&settings, &listeners);
     let (stop_serving, serving_signal) = crate::shutdown::channel();
     supervisor.spawn(
         "admin listener",
         serve(
-            "admin",
             listeners.admin,
+            Arc::new(Server::new(
+                "admin",
+                ServerOptions {
+                    max_connections: ADMIN_MAX_CONNECTIONS,
+                    ..server_options
+                },
+            )),
             admin,
-            ServerOptions {
-                max_connections: ADMIN_MAX_CONNECTIONS,
-                ..server_options.clone()
-            },
+            None,
             metrics.clone(),
             serving_signal.clone(),
         ),
     );
     let serving = serve(
-        "proxy",
         listeners.proxy,
-        proxy,
-        server_options,
+        proxy_server,
+        front,
+        settings.access.listener_tls.clone().map(TlsAcceptor::from),
         metrics,
         serving_signal,
     );
@@ -204,6 +220,31 @@ pub async fn run(
         }
         Some(exit) => Err(StartError::TaskFailed(exit)),
     }
+}
+
+/// The main listener's handler: the client key, and forward mode when on.
+fn front_door(
+    settings: &Settings,
+    proxy: Arc<ProxyService>,
+    server: &Arc<Server>,
+    pools: Arc<Pools>,
+) -> Result<FrontDoor, StartError> {
+    let key = settings
+        .access
+        .client_key
+        .as_ref()
+        .map(|key| ClientKey::new(&key.value));
+    let forward = if settings.forward.forward {
+        Some(Forwarder::new(
+            settings,
+            proxy.clone(),
+            server.clone(),
+            pools,
+        )?)
+    } else {
+        None
+    };
+    Ok(FrontDoor::new(proxy, key, forward))
 }
 
 /// One account's route, and the refresher that keeps its token fresh.
@@ -244,14 +285,32 @@ async fn start_account(
 fn log_start(settings: &Settings, listeners: &Listeners) {
     let address = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let default = settings.default_account();
+    let scheme = if settings.access.listener_tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     tracing::info!(
         listen = %address(&listeners.proxy),
         upstream = %default.upstream,
+        tls = settings.access.listener_tls.is_some(),
+        client_certificates = settings.access.client_ca_file.is_some(),
+        client_key = settings.access.client_key.is_some(),
+        allow_requests = %settings.access.allow_requests,
         max_connections = settings.max_connections,
-        "goto-auth-proxy {} forwarding; point API clients at http://{}",
+        "goto-auth-proxy {} forwarding; point API clients at {scheme}://{}",
         env!("CARGO_PKG_VERSION"),
         address(&listeners.proxy),
     );
+    if settings.forward.forward {
+        tracing::info!(
+            inject_hosts = %settings.forward.inject_hosts.join(","),
+            other_hosts = ?settings.forward.other_hosts,
+            ca_cert_file = %settings.forward.ca_cert_file.display(),
+            "forward mode on; set HTTPS_PROXY={scheme}://{} and make clients trust the CA",
+            address(&listeners.proxy),
+        );
+    }
     for account in &settings.accounts {
         tracing::info!(
             account = %account.name,

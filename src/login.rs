@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 
 use crate::config::Settings;
 use crate::proxy::body::ProxyBody;
-use crate::server::{serve, Answer, ServerOptions};
+use crate::server::{serve, Answer, Server, ServerOptions};
 use crate::store::{LeaseGrant, PersistedState, SaveError, StateStore, StoreError};
 use crate::token::endpoint::{unix_now, EndpointError, Grant};
 
@@ -321,10 +321,10 @@ async fn receive_code(
     };
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let server = tokio::spawn(serve(
-        "login redirect",
         listener,
+        Arc::new(Server::new("login redirect", options)),
         handler,
-        options,
+        None,
         metrics,
         signal,
     ));

@@ -14,6 +14,8 @@ pub enum TlsError {
     Pem(String),
     #[error("a certificate was refused: {0}")]
     Certificate(#[from] rustls::Error),
+    #[error("the client CA cannot be used: {0}")]
+    ClientRoots(String),
 }
 
 /// The one crypto provider the proxy uses.
@@ -45,15 +47,48 @@ pub fn client_config(extra_roots_pem: Option<&[u8]>) -> Result<rustls::ClientCon
         .with_no_client_auth())
 }
 
+/// What a server offers by ALPN: HTTP/2 first, and HTTP/1.1 for clients
+/// that want it (WebSocket clients do).
+pub const SERVER_ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
 /// A server configuration from a PEM certificate chain and key, offering
 /// HTTP/2 and HTTP/1.1 by ALPN (the stand-in's TLS mode).
 pub fn server_config(chain_pem: &[u8], key_pem: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
+    listener_config(chain_pem, key_pem, None)
+}
+
+/// The main listener's configuration: a PEM chain and key, HTTP/2 and
+/// HTTP/1.1 by ALPN, and with `client_ca_pem` only clients presenting a
+/// certificate it issued.
+pub fn listener_config(
+    chain_pem: &[u8],
+    key_pem: &[u8],
+    client_ca_pem: Option<&[u8]>,
+) -> Result<rustls::ServerConfig, TlsError> {
     let chain = certificates_from_pem(chain_pem)?;
+    if chain.is_empty() {
+        return Err(TlsError::Pem("no certificate in the chain file".into()));
+    }
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Pem(e.to_string()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?;
+    let builder = match client_ca_pem {
+        None => builder.with_no_client_auth(),
+        Some(pem) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for certificate in certificates_from_pem(pem)? {
+                roots.add(certificate)?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider(),
+            )
+            .build()
+            .map_err(|e| TlsError::ClientRoots(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(chain, key)?;
+    config.alpn_protocols = SERVER_ALPN.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }

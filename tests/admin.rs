@@ -116,7 +116,7 @@ async fn healthz_turns_503_once_a_background_task_has_failed() {
     use goto_auth_proxy::admin::AdminService;
     use goto_auth_proxy::metrics::Metrics;
     use goto_auth_proxy::proxy::route::{Router, RoutingTable};
-    use goto_auth_proxy::server::{serve, ServerOptions};
+    use goto_auth_proxy::server::{serve, Server, ServerOptions};
     use goto_auth_proxy::supervisor::{Health, Supervisor};
     use std::sync::Arc;
 
@@ -136,7 +136,8 @@ async fn healthz_turns_503_once_a_background_task_has_failed() {
         drain_timeout: std::time::Duration::from_secs(1),
         max_connections: 8,
     };
-    tokio::spawn(serve("admin", listener, admin, options, metrics, signal));
+    let server = Arc::new(Server::new("admin", options));
+    tokio::spawn(serve(listener, server, admin, None, metrics, signal));
     let url = format!("http://{addr}/healthz");
     assert_eq!(common::status_of(&url).await, 200);
     let mut supervisor = Supervisor::new(health);

@@ -75,6 +75,61 @@ fn flags_win_over_env_which_wins_over_the_file() {
 }
 
 #[test]
+fn a_listener_others_can_reach_needs_client_authentication() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |extra: &[(&str, &str)]| {
+        let mut command = proxy_command();
+        command
+            .args([
+                "run",
+                "--check",
+                "--listen",
+                "0.0.0.0:0",
+                "--client-id",
+                "x",
+            ])
+            .env("GOTO_CLIENT_SECRET", "s")
+            .env("GOTO_REFRESH_TOKEN", "r")
+            .env("GOTO_STATE_FILE", dir.path().join("state.json"));
+        for (name, value) in extra {
+            command.env(name, value);
+        }
+        command.output().unwrap()
+    };
+    let refused = check(&[]);
+    assert_eq!(refused.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--allow-remote-clients"), "{stderr}");
+    assert!(stderr.contains("--client-key-file"), "{stderr}");
+    for allowed in [
+        [("GOTO_PROXY_CLIENT_KEY", "k")],
+        [("GOTO_PROXY_ALLOW_REMOTE_CLIENTS", "true")],
+    ] {
+        let output = check(&allowed);
+        assert!(output.status.success(), "{allowed:?}: {output:?}");
+    }
+}
+
+#[test]
+fn forward_mode_without_its_ca_exits_64_naming_ca_init() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = proxy_command()
+        .args(["run", "--check", "--forward", "--client-id", "x"])
+        .env("GOTO_CLIENT_SECRET", "s")
+        .env("GOTO_REFRESH_TOKEN", "r")
+        .env("GOTO_STATE_FILE", dir.path().join("state.json"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("goto-auth-proxy ca init"), "{stderr}");
+    assert!(
+        stderr.contains(&dir.path().join("ca.pem").display().to_string()),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn bad_settings_exit_64_naming_the_setting() {
     let output = proxy_command()
         .args(["run", "--check", "--listen", "nonsense", "--client-id", "x"])
@@ -172,11 +227,96 @@ async fn trace_logs_hold_no_secret() {
     ];
     secrets.extend(refresh_tokens);
     secrets.extend(standin.issued_access_tokens());
-    for secret in &secrets {
-        // Tokens are long; any 24-character piece of one in the log is a leak.
+    assert_no_secret(&log, &secrets);
+}
+
+/// Fails if any 24-character piece of a secret is in `log` (tokens are
+/// long: a piece is as much a leak as the whole).
+fn assert_no_secret(log: &str, secrets: &[String]) {
+    for secret in secrets {
         let piece = &secret[..secret.len().min(24)];
         assert!(!log.contains(piece), "a secret reached the log: {piece}");
     }
+}
+
+#[tokio::test]
+async fn trace_logs_hold_no_secret_in_forward_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = common::pki::Pki::server(dir.path(), "goto", &["api.getgo.com", "localhost"]);
+    let standin = StandIn::start(StandInOptions {
+        tls: Some(pki.tls()),
+        ..StandInOptions::default()
+    })
+    .await
+    .unwrap();
+    let init = proxy_command()
+        .args(["ca", "init", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    let api_port = standin.api_url().rsplit(':').next().unwrap().to_owned();
+    let bootstrap = standin.refresh_token();
+    let mut command = run_command(&standin, dir.path(), &bootstrap);
+    command
+        .env("RUST_LOG", "trace")
+        .env("GOTO_UPSTREAM_CA_FILE", &pki.ca)
+        .env("GOTO_PROXY_FORWARD", "true")
+        .env("GOTO_PROXY_CLIENT_KEY", "the-clients-key-for-the-proxy")
+        .env(
+            "GOTO_CONNECT_TO",
+            format!("api.getgo.com:443:127.0.0.1:{api_port}"),
+        );
+    let running = Running::spawn(command);
+    let listen = running.logged_value("listen").await;
+    let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
+    let client = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .proxy(
+            reqwest::Proxy::all(format!(
+                "http://user:the-clients-key-for-the-proxy@{listen}"
+            ))
+            .unwrap(),
+        )
+        .build()
+        .unwrap();
+    for _ in 0..2 {
+        let response = client
+            .get("https://api.getgo.com/G2M/rest/meetings")
+            .bearer_auth("client-own-token-xyz")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        standin.revoke_access_tokens();
+    }
+    running.signal("TERM");
+    let mut running = running;
+    assert!(running.wait_exit().await.success());
+    let log = running.log_text();
+    assert!(log.contains(" TRACE "), "trace logging was not on:\n{log}");
+    assert!(
+        log.contains("rustls::"),
+        "the TLS layers did not log:\n{log}"
+    );
+    let ca_key = std::fs::read_to_string(dir.path().join("ca-key.pem")).unwrap();
+    let ca_key_body: String = ca_key
+        .lines()
+        .filter(|line| !line.starts_with("-----"))
+        .collect();
+    let mut secrets = vec![
+        CLIENT_SECRET.to_owned(),
+        "the-clients-key-for-the-proxy".to_owned(),
+        base64_basic("user", "the-clients-key-for-the-proxy"),
+        "client-own-token-xyz".to_owned(),
+        bootstrap,
+        standin.refresh_token(),
+        ca_key_body,
+    ];
+    secrets.extend(standin.issued_access_tokens());
+    assert_no_secret(&log, &secrets);
 }
 
 fn base64_basic(id: &str, secret: &str) -> String {

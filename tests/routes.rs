@@ -11,11 +11,12 @@ use std::time::Duration;
 
 use common::{client, wait_for, PATIENCE};
 use goto_auth_proxy::config::UpstreamUrl;
+use goto_auth_proxy::front::FrontDoor;
 use goto_auth_proxy::metrics::Metrics;
 use goto_auth_proxy::proxy::route::{Route, RoutePolicy, Router, RoutingTable};
 use goto_auth_proxy::proxy::upstream::{ConnectOptions, Pools, Upstream};
 use goto_auth_proxy::proxy::ProxyService;
-use goto_auth_proxy::server::{serve, Server, ServerOptions};
+use goto_auth_proxy::server::{serve, Accepting, Server, ServerOptions};
 use goto_auth_proxy::shutdown::{self, ShutdownTrigger};
 use goto_auth_proxy::standin::{StandIn, StandInOptions, CLIENT_ID, CLIENT_SECRET};
 use goto_auth_proxy::token::endpoint::{
@@ -46,6 +47,7 @@ async fn account() -> Account {
         &EndpointOptions {
             timeout: Duration::from_secs(10),
             extra_roots_pem: None,
+            connect_to: Arc::default(),
         },
     )
     .unwrap();
@@ -92,6 +94,7 @@ fn pools() -> Pools {
         &ConnectOptions {
             extra_roots_pem: None,
             connect_timeout: Duration::from_secs(5),
+            connect_to: Arc::default(),
         },
         Arc::new(Metrics::new()),
     )
@@ -112,13 +115,14 @@ async fn serve_router(router: Arc<Router>) -> (SocketAddr, ShutdownTrigger) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let metrics = Arc::new(Metrics::new());
-    let proxy = Arc::new(ProxyService::new(router, metrics.clone()));
+    let proxy = Arc::new(ProxyService::new(router, metrics.clone(), Arc::default()));
+    let front = Arc::new(FrontDoor::new(proxy, None, None));
     let (trigger, signal) = shutdown::channel();
     tokio::spawn(serve(
-        "proxy",
         listener,
-        proxy,
-        server_options(),
+        Arc::new(Server::new("proxy", server_options())),
+        front,
+        None,
         metrics,
         signal,
     ));
@@ -228,10 +232,16 @@ async fn a_stream_that_is_not_a_socket_is_served_through_the_same_path() {
     let router = Arc::new(Router::new(RoutingTable::new([route(
         "default", &one, &pools,
     )])));
-    let proxy = Arc::new(ProxyService::new(router, Arc::new(Metrics::new())));
-    let server = Server::new("in-memory", proxy, server_options());
+    let proxy = Arc::new(ProxyService::new(
+        router,
+        Arc::new(Metrics::new()),
+        Arc::default(),
+    ));
+    let front = Arc::new(FrontDoor::new(proxy, None, None));
+    let server = Server::new("in-memory", server_options());
     let (near, far) = tokio::io::duplex(64 * 1024);
-    tokio::spawn(server.serve_stream(far, "127.0.0.1:1".parse().unwrap()));
+    let peer = "127.0.0.1:1".parse().unwrap();
+    tokio::spawn(server.serve_stream(front.clone(), front.open_connection(peer), far, peer));
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(near))
         .await
         .unwrap();

@@ -9,12 +9,16 @@ mod validate;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Serialize, Serializer};
 
 pub use self::options::RunOptions;
 pub use self::parse::{default_state_file, is_loopback_host};
+use crate::ca::CertificateAuthority;
+use crate::outbound::ConnectTo;
+use crate::proxy::allow::RequestRules;
 use crate::secret::{LoadedSecret, SecretOrigin};
 use crate::token::endpoint::{ClientCredentials, EndpointOptions, TokenEndpoint};
 
@@ -54,6 +58,8 @@ pub const DEFAULT_ACCOUNT: &str = "default";
 
 /// Hosts that serve GoTo's APIs; the token is sent nowhere else unless allowed.
 pub const GOTO_API_HOSTS: [&str; 2] = ["api.getgo.com", "api.goto.com"];
+/// Forward mode's default inject hosts: GoTo's API hosts and GoTo Connect's older one.
+pub const DEFAULT_INJECT_HOSTS: &str = "api.getgo.com,api.goto.com,api.jive.com";
 
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -193,6 +199,81 @@ pub struct Settings {
     pub max_connections: usize,
     /// Log output format.
     pub log_format: LogFormat,
+    /// Who may use the main listener, and what they may ask.
+    #[serde(flatten)]
+    pub access: AccessSettings,
+    /// Forward mode.
+    #[serde(flatten)]
+    pub forward: ForwardSettings,
+    /// Where outgoing connections go instead.
+    #[serde(serialize_with = "display")]
+    pub connect_to: Arc<ConnectTo>,
+}
+
+/// Who may use the main listener, how it speaks, and what may be asked
+/// with the token.
+#[derive(Clone, Debug, Serialize)]
+pub struct AccessSettings {
+    /// The listener's certificate chain: TLS on when set.
+    #[serde(serialize_with = "optional_path")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// Its key.
+    #[serde(serialize_with = "optional_path")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Clients must present a certificate from this CA.
+    #[serde(serialize_with = "optional_path")]
+    pub client_ca_file: Option<PathBuf>,
+    /// The listener's TLS configuration, made from the three files above.
+    #[serde(skip)]
+    pub listener_tls: Option<Arc<rustls::ServerConfig>>,
+    /// The key clients must send in `Proxy-Authorization`.
+    #[serde(serialize_with = "optional_origin")]
+    pub client_key: Option<LoadedSecret>,
+    /// A non-loopback listener without client authentication was asked for.
+    pub allow_remote_clients: bool,
+    /// Which requests may carry the token.
+    #[serde(serialize_with = "display")]
+    pub allow_requests: Arc<RequestRules>,
+}
+
+/// What forward mode does with a host that is not an inject host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OtherHosts {
+    /// Bytes pass untouched (CONNECT), requests are forwarded (absolute form); never a token.
+    Tunnel,
+    /// 403 `host_not_allowed`.
+    Deny,
+}
+
+/// Forward mode: clients that use the proxy through `HTTPS_PROXY`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ForwardSettings {
+    /// Whether CONNECT and absolute-form requests are served.
+    pub forward: bool,
+    /// Hosts whose requests carry the token (lower case).
+    #[serde(serialize_with = "comma_list")]
+    pub inject_hosts: Vec<String>,
+    /// What happens to requests for other hosts.
+    pub other_hosts: OtherHosts,
+    /// The interception CA's certificate.
+    #[serde(serialize_with = "path")]
+    pub ca_cert_file: PathBuf,
+    /// Its key.
+    #[serde(serialize_with = "path")]
+    pub ca_key_file: PathBuf,
+    /// The CA, loaded when forward mode is on.
+    #[serde(skip)]
+    pub ca: Option<Arc<CertificateAuthority>>,
+}
+
+impl ForwardSettings {
+    /// Whether requests for `host` carry the token.
+    pub fn injects(&self, host: &str) -> bool {
+        self.inject_hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(host))
+    }
 }
 
 impl Settings {
@@ -244,6 +325,7 @@ impl AccountSettings {
             &EndpointOptions {
                 timeout: settings.token_timeout,
                 extra_roots_pem: settings.extra_roots_pem.clone(),
+                connect_to: settings.connect_to.clone(),
             },
         )
     }
@@ -275,6 +357,17 @@ fn optional_path<S: Serializer>(value: &Option<PathBuf>, s: S) -> Result<S::Ok, 
         Some(value) => path(value, s),
         None => s.serialize_none(),
     }
+}
+
+fn optional_origin<S: Serializer>(value: &Option<LoadedSecret>, s: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(secret) => s.collect_str(&format_args!("from {}", secret.origin)),
+        None => s.serialize_none(),
+    }
+}
+
+fn comma_list<S: Serializer>(value: &[String], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&value.join(","))
 }
 
 fn client_id<S: Serializer>(value: &ClientCredentials, s: S) -> Result<S::Ok, S::Error> {

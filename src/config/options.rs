@@ -44,6 +44,43 @@ layered_options! {
         #[arg(long, env = "GOTO_PROXY_ALLOW_REMOTE_CLIENTS", value_name = "BOOL", num_args = 0..=1,
               default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
         pub allow_remote_clients: Option<bool>,
+        /// Serve the main listener with TLS, with this PEM certificate chain
+        #[arg(long, env = "GOTO_PROXY_TLS_CERT_FILE", value_name = "PATH")]
+        pub tls_cert_file: Option<PathBuf>,
+        /// The PEM key of --tls-cert-file
+        #[arg(long, env = "GOTO_PROXY_TLS_KEY_FILE", value_name = "PATH")]
+        pub tls_key_file: Option<PathBuf>,
+        /// With TLS on, serve only clients presenting a certificate from this PEM CA
+        #[arg(long, env = "GOTO_PROXY_CLIENT_CA_FILE", value_name = "PATH")]
+        pub client_ca_file: Option<PathBuf>,
+        /// File holding the key clients must send in Proxy-Authorization (or GOTO_PROXY_CLIENT_KEY)
+        #[arg(long, env = "GOTO_PROXY_CLIENT_KEY_FILE", value_name = "PATH")]
+        pub client_key_file: Option<PathBuf>,
+        /// Only these requests may carry the token: `METHOD /prefix` rules, comma-separated
+        /// (`*` for any method) [default: everything]
+        #[arg(long, env = "GOTO_PROXY_ALLOW_REQUESTS", value_name = "RULES")]
+        pub allow_requests: Option<String>,
+        /// Also serve forward-proxy requests (CONNECT, absolute-form) for HTTPS_PROXY clients
+        #[arg(long, env = "GOTO_PROXY_FORWARD", value_name = "BOOL", num_args = 0..=1,
+              default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+        pub forward: Option<bool>,
+        /// Hosts whose forward-mode requests carry the token, comma-separated
+        /// [default: api.getgo.com,api.goto.com,api.jive.com]
+        #[arg(long, env = "GOTO_INJECT_HOSTS", value_name = "HOSTS")]
+        pub inject_hosts: Option<String>,
+        /// Forward mode, any other host: tunnel (untouched, no token) or deny (403) [default: tunnel]
+        #[arg(long, env = "GOTO_OTHER_HOSTS", value_name = "POLICY")]
+        pub other_hosts: Option<String>,
+        /// The CA that signs intercepted hosts' certificates [default: ca.pem beside the state file]
+        #[arg(long, env = "GOTO_CA_CERT_FILE", value_name = "PATH")]
+        pub ca_cert_file: Option<PathBuf>,
+        /// The CA's key, mode 0600 [default: ca-key.pem beside the state file]
+        #[arg(long, env = "GOTO_CA_KEY_FILE", value_name = "PATH")]
+        pub ca_key_file: Option<PathBuf>,
+        /// Send connections for HOST:PORT to ADDR:PORT instead, as curl's option
+        /// (`HOST:PORT:ADDR:PORT[,...]`); TLS still verifies HOST
+        #[arg(long, env = "GOTO_CONNECT_TO", value_name = "RULES")]
+        pub connect_to: Option<String>,
         /// Address for /healthz, /readyz and /metrics [default: 127.0.0.1:9090]
         #[arg(long, env = "GOTO_PROXY_ADMIN_LISTEN", value_name = "ADDR")]
         pub admin_listen: Option<String>,

@@ -130,6 +130,68 @@ pub(super) fn ca_file(path: &Path) -> Result<Vec<u8>, ConfigError> {
     Ok(pem)
 }
 
+/// A comma-separated list of host names (lower-cased), at least one.
+pub(super) fn hosts(setting: &'static str, value: &str) -> Result<Vec<String>, ConfigError> {
+    let hosts: Vec<String> = value
+        .split(',')
+        .map(|host| host.trim().to_ascii_lowercase())
+        .filter(|host| !host.is_empty())
+        .collect();
+    if hosts.is_empty() {
+        return Err(ConfigError::new(setting, "name at least one host"));
+    }
+    for host in &hosts {
+        let valid = http::uri::Authority::try_from(host.as_str())
+            .is_ok_and(|a| a.port().is_none() && a.host() == host);
+        if !valid {
+            return Err(ConfigError::new(
+                setting,
+                format!("{host:?} is not a host name (write it without scheme, port or path)"),
+            ));
+        }
+    }
+    Ok(hosts)
+}
+
+/// `tunnel` or `deny`.
+pub(super) fn other_hosts(value: Option<&str>) -> Result<super::OtherHosts, ConfigError> {
+    match value.map(str::trim) {
+        None | Some("tunnel") => Ok(super::OtherHosts::Tunnel),
+        Some("deny") => Ok(super::OtherHosts::Deny),
+        Some(other) => Err(ConfigError::new(
+            "--other-hosts",
+            format!("{other:?} is neither tunnel nor deny"),
+        )),
+    }
+}
+
+/// The main listener's TLS configuration from its PEM files.
+pub(super) fn listener_tls(
+    cert_file: &Path,
+    key_file: &Path,
+    client_ca_file: Option<&Path>,
+) -> Result<rustls::ServerConfig, ConfigError> {
+    let read = |setting, path: &Path| {
+        std::fs::read(path)
+            .map_err(|e| ConfigError::new(setting, format!("cannot read {}: {e}", path.display())))
+    };
+    let chain = read("--tls-cert-file", cert_file)?;
+    let key = read("--tls-key-file", key_file)?;
+    let client_ca = client_ca_file
+        .map(|path| read("--client-ca-file", path))
+        .transpose()?;
+    crate::tls::listener_config(&chain, &key, client_ca.as_deref()).map_err(|e| {
+        let setting = match e {
+            crate::tls::TlsError::ClientRoots(_) => "--client-ca-file",
+            _ => "--tls-cert-file",
+        };
+        ConfigError::new(
+            setting,
+            format!("{e}; check --tls-cert-file, --tls-key-file and --client-ca-file"),
+        )
+    })
+}
+
 /// A path that is valid UTF-8: paths appear in logs, `status` and
 /// `run --check`, where a lossy rendering would name another file.
 pub(super) fn utf8_path(

@@ -3,48 +3,61 @@
 
 use std::path::Path;
 
+use std::sync::Arc;
+
 use super::options::RunOptions;
 use super::parse;
 use super::*;
+use crate::outbound::ConnectTo;
+use crate::proxy::allow::RequestRules;
 use crate::secret::{load_secret, SecretError};
 
 impl RunOptions {
     /// Checks every setting and loads the secrets it names.
     pub fn resolve(
-        self,
+        mut self,
         lookup_env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Settings, ConfigError> {
         let listen = parse::addr("--listen", self.listen.as_deref().unwrap_or(DEFAULT_LISTEN))?;
-        if !listen.ip().is_loopback() && !self.allow_remote_clients.unwrap_or(false) {
-            return Err(ConfigError::new(
-                "--listen",
-                format!(
-                    "{listen} is not a loopback address, and anyone who can reach the proxy acts as the GoTo user; \
-                     listen on 127.0.0.1, or if the network in front is trusted set --allow-remote-clients \
-                     (GOTO_PROXY_ALLOW_REMOTE_CLIENTS=true)"
-                ),
-            ));
-        }
+        let access = self.access(lookup_env)?;
+        check_door(&listen, &access)?;
         let admin_listen = parse::addr(
             "--admin-listen",
             self.admin_listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN),
         )?;
-        let upstream_ca_file = parse::utf8_path("--upstream-ca-file", self.upstream_ca_file)?;
+        let upstream_ca_file =
+            parse::utf8_path("--upstream-ca-file", self.upstream_ca_file.take())?;
         let extra_roots_pem = upstream_ca_file
             .as_deref()
             .map(parse::ca_file)
             .transpose()?;
         let default_account = AccountOptions {
-            upstream: self.upstream,
-            allow_custom_upstream: self.allow_custom_upstream,
-            token_url: self.token_url,
-            client_id: self.client_id,
-            client_secret_file: parse::utf8_path("--client-secret-file", self.client_secret_file)?,
-            refresh_token_file: parse::utf8_path("--refresh-token-file", self.refresh_token_file)?,
-            pat_file: parse::utf8_path("--pat-file", self.pat_file)?,
-            state_file: parse::utf8_path("--state-file", self.state_file)?,
+            upstream: self.upstream.take(),
+            allow_custom_upstream: self.allow_custom_upstream.take(),
+            token_url: self.token_url.take(),
+            client_id: self.client_id.take(),
+            client_secret_file: parse::utf8_path(
+                "--client-secret-file",
+                self.client_secret_file.take(),
+            )?,
+            refresh_token_file: parse::utf8_path(
+                "--refresh-token-file",
+                self.refresh_token_file.take(),
+            )?,
+            pat_file: parse::utf8_path("--pat-file", self.pat_file.take())?,
+            state_file: parse::utf8_path("--state-file", self.state_file.take())?,
         }
         .resolve(DEFAULT_ACCOUNT, lookup_env)?;
+        let connect_to = match &self.connect_to {
+            Some(rules) => {
+                ConnectTo::parse(rules).map_err(|e| ConfigError::new("--connect-to", e))?
+            }
+            None => ConnectTo::default(),
+        };
+        connect_to
+            .check_token_url(&default_account.token_url)
+            .map_err(|e| ConfigError::new("--connect-to", e))?;
+        let forward = self.forward_settings(&default_account.state_file)?;
         let settings = Settings {
             listen,
             admin_listen,
@@ -98,6 +111,9 @@ impl RunOptions {
                 DEFAULT_MAX_CONNECTIONS,
             )?,
             log_format: parse::log_format(self.log_format.as_deref())?,
+            access,
+            forward,
+            connect_to: Arc::new(connect_to),
         };
         if settings.max_header_bytes < MIN_HEADER_BYTES {
             return Err(ConfigError::new(
@@ -107,6 +123,110 @@ impl RunOptions {
         }
         Ok(settings)
     }
+}
+
+impl RunOptions {
+    /// TLS on the listener, client authentication and the request rules.
+    fn access(
+        &self,
+        lookup_env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<AccessSettings, ConfigError> {
+        let tls_cert_file = parse::utf8_path("--tls-cert-file", self.tls_cert_file.clone())?;
+        let tls_key_file = parse::utf8_path("--tls-key-file", self.tls_key_file.clone())?;
+        let client_ca_file = parse::utf8_path("--client-ca-file", self.client_ca_file.clone())?;
+        let listener_tls = match (&tls_cert_file, &tls_key_file) {
+            (Some(cert), Some(key)) => Some(Arc::new(parse::listener_tls(
+                cert,
+                key,
+                client_ca_file.as_deref(),
+            )?)),
+            (None, None) if client_ca_file.is_some() => {
+                return Err(ConfigError::new(
+                    "--client-ca-file",
+                    "client certificates need TLS on the listener: set --tls-cert-file and --tls-key-file too",
+                ))
+            }
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::new("--tls-key-file", "required with --tls-cert-file"))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new("--tls-cert-file", "required with --tls-key-file"))
+            }
+        };
+        let client_key_file = parse::utf8_path("--client-key-file", self.client_key_file.clone())?;
+        let client_key = load_secret(
+            client_key_file.as_deref(),
+            "--client-key-file",
+            "GOTO_PROXY_CLIENT_KEY",
+            lookup_env,
+        )
+        .map_err(|e| secret_error("--client-key-file", e))?;
+        let allow_requests = match &self.allow_requests {
+            Some(rules) => {
+                RequestRules::parse(rules).map_err(|e| ConfigError::new("--allow-requests", e))?
+            }
+            None => RequestRules::default(),
+        };
+        Ok(AccessSettings {
+            tls_cert_file,
+            tls_key_file,
+            client_ca_file,
+            listener_tls,
+            client_key,
+            allow_remote_clients: self.allow_remote_clients.unwrap_or(false),
+            allow_requests: Arc::new(allow_requests),
+        })
+    }
+
+    /// Forward mode's settings; with it on, the CA is loaded (and must exist).
+    fn forward_settings(&self, state_file: &Path) -> Result<ForwardSettings, ConfigError> {
+        let forward = self.forward.unwrap_or(false);
+        let inject_hosts = parse::hosts(
+            "--inject-hosts",
+            self.inject_hosts.as_deref().unwrap_or(DEFAULT_INJECT_HOSTS),
+        )?;
+        let other_hosts = parse::other_hosts(self.other_hosts.as_deref())?;
+        let defaults = crate::ca::default_paths(state_file);
+        let ca_cert_file =
+            parse::utf8_path("--ca-cert-file", self.ca_cert_file.clone())?.unwrap_or(defaults.cert);
+        let ca_key_file =
+            parse::utf8_path("--ca-key-file", self.ca_key_file.clone())?.unwrap_or(defaults.key);
+        let ca = if forward {
+            let ca = CertificateAuthority::load(&ca_cert_file, &ca_key_file)
+                .map_err(|e| ConfigError::new("--ca-cert-file", e.to_string()))?;
+            Some(Arc::new(ca))
+        } else {
+            None
+        };
+        Ok(ForwardSettings {
+            forward,
+            inject_hosts,
+            other_hosts,
+            ca_cert_file,
+            ca_key_file,
+            ca,
+        })
+    }
+}
+
+/// Anyone who can reach the main listener acts as the GoTo user: a
+/// listener other machines can reach needs client certificates or a client
+/// key, or `--allow-remote-clients` set deliberately.
+fn check_door(listen: &std::net::SocketAddr, access: &AccessSettings) -> Result<(), ConfigError> {
+    let authenticated = access.client_key.is_some() || access.client_ca_file.is_some();
+    if listen.ip().is_loopback() || authenticated || access.allow_remote_clients {
+        return Ok(());
+    }
+    Err(ConfigError::new(
+        "--listen",
+        format!(
+            "{listen} is not a loopback address, and anyone who can reach the proxy acts as the GoTo user; \
+             listen on 127.0.0.1, or require client authentication (--client-key-file, or TLS with \
+             --client-ca-file), or if the network in front is trusted set --allow-remote-clients \
+             (GOTO_PROXY_ALLOW_REMOTE_CLIENTS=true)"
+        ),
+    ))
 }
 
 /// The settings of one account as given: today the top-level keys, which

@@ -3,6 +3,7 @@
 
 use http::{header, HeaderValue, Response, StatusCode};
 
+use super::allow::Refusal;
 use super::body::ProxyBody;
 use super::route::RouteError;
 use crate::token::Unavailable;
@@ -32,6 +33,21 @@ pub enum ProxyError {
     /// The request named no account, or one the proxy does not serve.
     #[error(transparent)]
     NoRoute(#[from] RouteError),
+    /// `--allow-requests` does not let this request carry the token.
+    #[error(transparent)]
+    NotAllowed(#[from] Refusal),
+    /// Forward mode with `--other-hosts deny`: this host is not served.
+    #[error("{0} is not a host this proxy serves (--other-hosts deny)")]
+    HostNotAllowed(String),
+    /// The CONNECT authority, the TLS SNI and the `Host` do not name one host.
+    #[error("{0}")]
+    Misdirected(String),
+    /// `--client-key-file` is set and the request carries no matching key.
+    #[error(
+        "this proxy needs its client key: send Proxy-Authorization: Bearer <key>, \
+         or put it in the proxy URL (http://user:<key>@host:port)"
+    )]
+    ProxyAuthRequired,
 }
 
 impl ProxyError {
@@ -54,6 +70,18 @@ impl ProxyError {
             ProxyError::NoRoute(RouteError::UnknownAccount(_)) => {
                 (StatusCode::NOT_FOUND, "unknown_account")
             }
+            ProxyError::NotAllowed(Refusal::NotAllowed { .. }) => {
+                (StatusCode::FORBIDDEN, "request_not_allowed")
+            }
+            ProxyError::NotAllowed(Refusal::AmbiguousPath) => {
+                (StatusCode::BAD_REQUEST, "bad_request")
+            }
+            ProxyError::HostNotAllowed(_) => (StatusCode::FORBIDDEN, "host_not_allowed"),
+            ProxyError::Misdirected(_) => (StatusCode::MISDIRECTED_REQUEST, "misdirected_request"),
+            ProxyError::ProxyAuthRequired => (
+                StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+                "proxy_auth_required",
+            ),
         }
     }
 
@@ -72,6 +100,12 @@ pub fn json_response(status: StatusCode, code: &str, message: &str) -> Response<
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    }
+    if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+        response.headers_mut().insert(
+            header::PROXY_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"goto-auth-proxy\""),
+        );
     }
     response
 }

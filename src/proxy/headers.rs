@@ -44,17 +44,33 @@ fn remove_each(headers: &mut HeaderMap, doomed: impl Fn(&HeaderMap, &HeaderName)
 /// proxy's `Authorization` goes in. One pass into a map of the right size,
 /// with room for the `Host` the upstream client adds.
 pub fn upstream_request_headers(client: &HeaderMap, authorization: HeaderValue) -> HeaderMap {
+    let mut headers = end_to_end(client, |name| REPLACED.contains(name));
+    headers.insert(header::AUTHORIZATION, authorization);
+    headers
+}
+
+/// The headers of a request passed on without the token (forward mode, a
+/// host that is not an inject host): the client's own `Authorization`
+/// stays; hop-by-hop headers, `Host` and `Expect` go.
+pub fn passed_on_request_headers(client: &HeaderMap) -> HeaderMap {
+    end_to_end(client, |name| {
+        name == header::HOST || name == header::EXPECT
+    })
+}
+
+/// The client's headers less hop-by-hop ones and those `also_dropped`,
+/// in one pass into a map with room for two more.
+fn end_to_end(client: &HeaderMap, also_dropped: impl Fn(&HeaderName) -> bool) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(client.len() + 2);
     let has_connection = client.contains_key(header::CONNECTION);
     for (name, value) in client {
         let dropped = HOP_BY_HOP.contains(name)
-            || REPLACED.contains(name)
+            || also_dropped(name)
             || (has_connection && listed_in_connection(client, name));
         if !dropped {
             headers.append(name.clone(), value.clone());
         }
     }
-    headers.insert(header::AUTHORIZATION, authorization);
     headers
 }
 

@@ -3,6 +3,7 @@
 //! goes to its upstream; a token refusal gets one shared refresh and one
 //! retry, and every resend is decided by one [`retry`] policy.
 
+pub mod allow;
 pub mod body;
 pub mod error;
 pub mod headers;
@@ -10,6 +11,7 @@ pub mod path;
 pub mod pool;
 pub mod retry;
 pub mod route;
+pub mod upgrade;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -20,22 +22,26 @@ use http::request::Parts;
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 
+use self::allow::RequestRules;
 use self::body::{read_up_to, Held, ProxyBody};
 use self::error::ProxyError;
 use self::pool::Affinity;
 use self::retry::{AttemptError, Cause, RetryPolicy};
 use self::route::{Route, Router};
+use self::upstream::Upstream;
 use crate::metrics::Metrics;
 use crate::token::Bearer;
 
 /// The most of a 403 body read to look for GoToWebinar's `InvalidToken`.
 const FORBIDDEN_PEEK_LIMIT: usize = 64 * 1024;
 
-/// Forwards client requests to their route's upstream with its account's token.
+/// Forwards client requests to their route's upstream (or the host a
+/// forward-mode client named) with its account's token.
 #[derive(Debug)]
 pub struct ProxyService {
     router: Arc<Router>,
     metrics: Arc<Metrics>,
+    rules: Arc<RequestRules>,
 }
 
 /// What upstream's answer means for the token.
@@ -47,27 +53,34 @@ enum Verdict {
 }
 
 impl ProxyService {
-    /// A service that routes every request with `router`.
-    pub fn new(router: Arc<Router>, metrics: Arc<Metrics>) -> Self {
-        Self { router, metrics }
+    /// A service that routes every request with `router` and lets only
+    /// what `rules` allow carry the token.
+    pub fn new(router: Arc<Router>, metrics: Arc<Metrics>, rules: Arc<RequestRules>) -> Self {
+        Self {
+            router,
+            metrics,
+            rules,
+        }
     }
 
-    /// State for a new client connection.
-    pub fn open_connection(&self) -> Affinity {
-        Affinity::new()
+    /// The metrics it counts in.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Answers one client request arriving on the connection `affinity` was
-    /// opened for; never fails, errors become JSON answers.
+    /// opened for, sending it to `destination` (a forward-mode host) or else
+    /// to its route's upstream; never fails, errors become JSON answers.
     pub async fn handle(
         &self,
         affinity: &Affinity,
         request: Request<Incoming>,
+        destination: Option<&Upstream>,
     ) -> Response<ProxyBody> {
         // HTTP/2 streams of one client run side by side: they cannot share one
         // bound HTTP/1 connection.
         let affinity = (request.version() != Version::HTTP_2).then_some(affinity);
-        let response = match self.forward(affinity, request).await {
+        let response = match self.forward(affinity, request, destination).await {
             Ok(response) => response,
             Err(error) => {
                 tracing::warn!(error = %error, "request failed in the proxy");
@@ -82,10 +95,14 @@ impl ProxyService {
         &self,
         affinity: Option<&Affinity>,
         request: Request<Incoming>,
+        destination: Option<&Upstream>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut parts, body) = request.into_parts();
         let route = self.router.route(&mut parts)?;
-        let uri = route.upstream.uri_for(&parts.uri)?;
+        self.rules.check(&parts.method, parts.uri.path())?;
+        let upstream = destination.unwrap_or(&route.upstream);
+        let uri = upstream.uri_for(&parts.uri)?;
+        let upgrade = upgrade::requested(&mut parts);
         let body = read_up_to(body, route.policy.retry_body_limit)
             .await
             .map_err(|e| ProxyError::BadRequest(format!("reading the request body failed: {e}")))?;
@@ -97,11 +114,18 @@ impl ProxyService {
         let mut retry = RetryPolicy::new(route.policy.upstream_timeout);
         loop {
             let within = retry.next_send()?;
-            let request = upstream_request(&parts, uri.clone(), &bearer, body);
-            let refused = match self.send(&route, affinity, request, within).await {
+            let mut request = upstream_request(&parts, uri.clone(), &bearer, body);
+            if let Some(upgrade) = &upgrade {
+                upgrade.ask(request.headers_mut());
+            }
+            let sent = self.send(upstream, affinity, request, within, upgrade.is_some());
+            let refused = match sent.await {
                 Ok(Verdict::Deliver(response)) => {
                     route.tokens.report_accepted(bearer.generation);
-                    return Ok(response);
+                    return Ok(match upgrade {
+                        Some(upgrade) => upgrade.join(response),
+                        None => response,
+                    });
                 }
                 Ok(Verdict::TokenRefused(response)) => response,
                 Err(AttemptError::NotSent(back)) if retry.allows(Cause::NotSent, true) => {
@@ -146,18 +170,28 @@ impl ProxyService {
         }
     }
 
-    /// Sends once and sorts the answer by what it says of the token.
+    /// Sends once (an upgrade over a connection of its own) and sorts the
+    /// answer by what it says of the token.
     async fn send(
         &self,
-        route: &Route,
+        upstream: &Upstream,
         affinity: Option<&Affinity>,
         request: Request<ProxyBody>,
         within: Duration,
+        upgrade: bool,
     ) -> Result<Verdict, AttemptError> {
-        let (response, elapsed) = route.upstream.send(affinity, request, within).await?;
+        let (response, elapsed) = if upgrade {
+            upstream.send_upgrade(request, within).await?
+        } else {
+            upstream.send(affinity, request, within).await?
+        };
         self.metrics.observe_upstream(elapsed);
         let (mut parts, body) = response.into_parts();
+        let switched = upgrade::switched_to(&parts);
         headers::strip_hop_by_hop(&mut parts.headers);
+        if let Some(protocol) = switched {
+            upgrade::announce(&mut parts.headers, protocol);
+        }
         match parts.status {
             StatusCode::UNAUTHORIZED => Ok(Verdict::TokenRefused(Response::from_parts(
                 parts,

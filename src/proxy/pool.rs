@@ -36,13 +36,14 @@ use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
-use hyper_util::client::legacy::connect::{Connection, HttpConnector};
+use hyper_util::client::legacy::connect::Connection;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tower_service::Service;
 
 use super::body::ProxyBody;
 use crate::metrics::Metrics;
+use crate::outbound::Dialer;
 
 /// The upstream's protocol, as learned by connecting.
 const UNKNOWN: u8 = 0;
@@ -277,9 +278,9 @@ struct IdleConnection {
 /// Opens upstream connections and keeps those worth keeping.
 pub struct Pool {
     /// Offers HTTP/1.1 only, for bound connections.
-    http1_connector: HttpsConnector<HttpConnector>,
+    http1_connector: HttpsConnector<Dialer>,
     /// Offers HTTP/2 and HTTP/1.1, for connections to share.
-    shared_connector: HttpsConnector<HttpConnector>,
+    shared_connector: HttpsConnector<Dialer>,
     /// `scheme://authority` of the upstream, what the connector dials.
     target: Uri,
     idle: Mutex<Vec<IdleConnection>>,
@@ -304,8 +305,8 @@ impl Pool {
     /// `http1_connector` (which must offer HTTP/1.1 only) and
     /// `shared_connector` (which may offer HTTP/2 too).
     pub fn new(
-        http1_connector: HttpsConnector<HttpConnector>,
-        shared_connector: HttpsConnector<HttpConnector>,
+        http1_connector: HttpsConnector<Dialer>,
+        shared_connector: HttpsConnector<Dialer>,
         target: Uri,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -436,6 +437,26 @@ impl Pool {
             }
             None => None,
         }
+    }
+
+    /// Opens an HTTP/1.1 connection for one upgrade request; its task
+    /// hands the connection over when the upstream switches protocols.
+    pub(crate) async fn open_for_upgrade(
+        &self,
+    ) -> Result<http1::SendRequest<ProxyBody>, ConnectError> {
+        let stream = self
+            .http1_connector
+            .clone()
+            .call(self.target.clone())
+            .await
+            .map_err(ConnectError::Connect)?;
+        self.metrics.count_upstream_connection();
+        let (sender, connection) = http1::Builder::new()
+            .handshake(stream)
+            .await
+            .map_err(ConnectError::Handshake)?;
+        tokio::spawn(connection.with_upgrades());
+        Ok(sender)
     }
 
     /// Opens a connection offering `offer`. Connections offering HTTP/2 are

@@ -19,6 +19,7 @@ use super::pool::{Affinity, Lease, Pool, SendError};
 use super::retry::AttemptError;
 use crate::config::UpstreamUrl;
 use crate::metrics::Metrics;
+use crate::outbound::{ConnectTo, Dialer};
 use crate::tls::TlsError;
 
 /// Settings of every outgoing connection.
@@ -28,6 +29,8 @@ pub struct ConnectOptions {
     pub extra_roots_pem: Option<Vec<u8>>,
     /// Upper bound for the TCP connect.
     pub connect_timeout: Duration,
+    /// Where connections go instead (`--connect-to`).
+    pub connect_to: Arc<ConnectTo>,
 }
 
 /// What tells upstreams apart: a pool serves exactly one.
@@ -43,9 +46,9 @@ pub struct UpstreamKey {
 /// every route (and, in forward mode, every request) that names the same one.
 pub struct Pools {
     /// Offers HTTP/1.1 only, for connections bound to one client.
-    http1_connector: HttpsConnector<HttpConnector>,
+    http1_connector: HttpsConnector<Dialer>,
     /// Offers HTTP/2 and HTTP/1.1, for connections to share.
-    shared_connector: HttpsConnector<HttpConnector>,
+    shared_connector: HttpsConnector<Dialer>,
     metrics: Arc<Metrics>,
     pools: Mutex<HashMap<UpstreamKey, Arc<Pool>>>,
 }
@@ -64,9 +67,10 @@ impl Pools {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(options.connect_timeout));
         let tls = crate::tls::client_config(options.extra_roots_pem.as_deref())?;
+        let dialer = Dialer::new(http, options.connect_to.clone());
         Ok(Self {
-            http1_connector: connector(http.clone(), tls.clone(), false),
-            shared_connector: connector(http, tls, true),
+            http1_connector: connector(dialer.clone(), tls.clone(), false),
+            shared_connector: connector(dialer, tls, true),
             metrics,
             pools: Mutex::new(HashMap::new()),
         })
@@ -175,6 +179,33 @@ impl Upstream {
         }
     }
 
+    /// Sends an upgrade request over a connection of its own (taken over
+    /// by the upgrade, so never pooled), waiting up to `within` for the answer.
+    pub async fn send_upgrade(
+        &self,
+        mut request: Request<ProxyBody>,
+        within: Duration,
+    ) -> Result<(Response<Incoming>, Duration), AttemptError> {
+        let started = Instant::now();
+        let exchange = async {
+            let mut sender = self
+                .pool
+                .open_for_upgrade()
+                .await
+                .map_err(|e| AttemptError::Fatal(ProxyError::UpstreamUnreachable(chain(&e))))?;
+            let absolute = request.uri().clone();
+            self.address(&mut request, &absolute, false);
+            sender
+                .send_request(request)
+                .await
+                .map_err(|e| AttemptError::Fatal(ProxyError::UpstreamFailed(chain(&e))))
+        };
+        match tokio::time::timeout(within, exchange).await {
+            Ok(result) => result.map(|response| (response, started.elapsed())),
+            Err(_) => Err(AttemptError::TimedOut),
+        }
+    }
+
     async fn exchange(
         &self,
         affinity: Option<&Affinity>,
@@ -233,11 +264,7 @@ impl Upstream {
 
 /// A connector for https and http upstreams that offers HTTP/1.1 by ALPN,
 /// and HTTP/2 first when `offer_http2`.
-fn connector(
-    http: HttpConnector,
-    tls: rustls::ClientConfig,
-    offer_http2: bool,
-) -> HttpsConnector<HttpConnector> {
+fn connector(http: Dialer, tls: rustls::ClientConfig, offer_http2: bool) -> HttpsConnector<Dialer> {
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
@@ -294,6 +321,7 @@ mod tests {
             &ConnectOptions {
                 extra_roots_pem: None,
                 connect_timeout: Duration::from_secs(1),
+                connect_to: Arc::default(),
             },
             Arc::new(Metrics::new()),
         )

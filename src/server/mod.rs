@@ -10,7 +10,7 @@ mod rewind;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -21,7 +21,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 
 pub use self::limit::ConnectionLimit;
 pub use self::rewind::Rewind;
@@ -39,9 +40,6 @@ pub trait Handler: Send + Sync + 'static {
     /// What the handler keeps for the life of one client connection.
     type Connection: Send + Sync + 'static;
 
-    /// State for a client connection that has just started to talk.
-    fn open_connection(&self) -> Self::Connection;
-
     /// Work of the connection's own, polled beside it in its task (such as
     /// an upstream connection bound to it); never completes.
     fn drive<'a>(&self, connection: &'a Self::Connection) -> impl Future<Output = ()> + Send + 'a;
@@ -54,6 +52,13 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Response<ProxyBody>> + Send;
 }
 
+/// A handler for connections accepted from a listener, whose state starts
+/// from the client's address.
+pub trait Accepting: Handler {
+    /// State for a client connection from `peer` that has just been accepted.
+    fn open_connection(&self, peer: SocketAddr) -> Self::Connection;
+}
+
 /// A handler that answers each request at once from the request alone and
 /// keeps nothing per connection (the admin listener, the login redirect).
 pub trait Answer: Send + Sync + 'static {
@@ -61,10 +66,12 @@ pub trait Answer: Send + Sync + 'static {
     fn answer(&self, request: &Request<Incoming>) -> Response<ProxyBody>;
 }
 
+impl<A: Answer> Accepting for A {
+    fn open_connection(&self, _peer: SocketAddr) {}
+}
+
 impl<A: Answer> Handler for A {
     type Connection = ();
-
-    fn open_connection(&self) {}
 
     fn drive<'a>(&self, _connection: &'a ()) -> impl Future<Output = ()> + Send + 'a {
         std::future::pending()
@@ -76,26 +83,6 @@ impl<A: Answer> Handler for A {
         request: Request<Incoming>,
     ) -> impl Future<Output = Response<ProxyBody>> + Send {
         std::future::ready(self.answer(&request))
-    }
-}
-
-impl Handler for crate::proxy::ProxyService {
-    type Connection = crate::proxy::pool::Affinity;
-
-    fn open_connection(&self) -> Self::Connection {
-        crate::proxy::ProxyService::open_connection(self)
-    }
-
-    fn drive<'a>(&self, connection: &'a Self::Connection) -> impl Future<Output = ()> + Send + 'a {
-        connection.drive()
-    }
-
-    fn handle(
-        &self,
-        connection: &Self::Connection,
-        request: Request<Incoming>,
-    ) -> impl Future<Output = Response<ProxyBody>> + Send {
-        crate::proxy::ProxyService::handle(self, connection, request)
     }
 }
 
@@ -112,43 +99,68 @@ pub struct ServerOptions {
     pub max_connections: usize,
 }
 
-/// Serves one handler on any number of streams, and drains them all at the end.
-pub struct Server<H> {
+/// Serves any number of streams, each with its handler, and drains them
+/// all at the end: the main listener's connections and the intercepted
+/// connections inside its tunnels alike.
+pub struct Server {
     name: &'static str,
-    handler: Arc<H>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    graceful: GracefulShutdown,
+    /// Taken by the drain; a stream offered after it is not served.
+    graceful: Mutex<Option<GracefulShutdown>>,
     options: ServerOptions,
 }
 
-impl<H: Handler> Server<H> {
-    /// A server named `name` (for logs) answering with `handler`.
-    pub fn new(name: &'static str, handler: Arc<H>, options: ServerOptions) -> Self {
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// A server named `name` (for logs and metrics) holding connections to `options`.
+    pub fn new(name: &'static str, options: ServerOptions) -> Self {
         Self {
             name,
-            handler,
             builder: Arc::new(connection_builder(&options)),
-            graceful: GracefulShutdown::new(),
+            graceful: Mutex::new(Some(GracefulShutdown::new())),
             options,
         }
     }
 
-    /// Serving one client connection on `stream`, whatever it is, until it
-    /// ends or the drain closes it. Spawn the future it gives.
-    pub fn serve_stream<S>(&self, stream: S, peer: SocketAddr) -> impl Future<Output = ()> + Send
+    /// The limits connections are held to.
+    pub fn options(&self) -> &ServerOptions {
+        &self.options
+    }
+
+    /// Serving one client connection on `stream`, whatever it is, with
+    /// `handler` and the connection's state `connection`, until it ends or
+    /// the drain closes it. Spawn the future it gives.
+    pub fn serve_stream<H, S>(
+        &self,
+        handler: Arc<H>,
+        connection: H::Connection,
+        stream: S,
+        peer: SocketAddr,
+    ) -> impl Future<Output = ()> + Send + 'static
     where
+        H: Handler,
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let builder = self.builder.clone();
-        let handler = self.handler.clone();
-        let watcher = self.graceful.watcher();
+        let watcher = lock(&self.graceful).as_ref().map(GracefulShutdown::watcher);
         let first_bytes_timeout = self.options.header_read_timeout;
         async move {
+            let Some(watcher) = watcher else {
+                tracing::debug!(%peer, "not serving a connection offered during the drain");
+                return;
+            };
             let Some((prefix, stream)) = first_bytes(stream, first_bytes_timeout).await else {
                 tracing::debug!(%peer, "closing a connection that sent no request in time");
                 return;
             };
-            let state = Arc::new(handler.open_connection());
+            let state = Arc::new(connection);
             let driver = handler.drive(&state);
             let service = hyper::service::service_fn({
                 let state = state.clone();
@@ -177,9 +189,12 @@ impl<H: Handler> Server<H> {
     }
 
     /// Waits, up to the drain timeout, for the connections still open.
-    pub async fn drain(self) {
+    pub async fn drain(&self) {
         let (name, timeout) = (self.name, self.options.drain_timeout);
-        let count = self.graceful.count();
+        let Some(graceful) = lock(&self.graceful).take() else {
+            return;
+        };
+        let count = graceful.count();
         if count > 0 {
             tracing::info!(
                 listener = name,
@@ -187,7 +202,7 @@ impl<H: Handler> Server<H> {
                 "waiting for requests in flight"
             );
         }
-        match tokio::time::timeout(timeout, self.graceful.shutdown()).await {
+        match tokio::time::timeout(timeout, graceful.shutdown()).await {
             Ok(()) => tracing::debug!(listener = name, "all connections closed"),
             Err(_) => tracing::warn!(
                 listener = name,
@@ -198,18 +213,21 @@ impl<H: Handler> Server<H> {
     }
 }
 
-/// Serves `handler` on `listener` until `shutdown` fires, then drains.
-/// Connections beyond the cap are closed at once and counted in `metrics`.
-pub async fn serve<H: Handler>(
-    name: &'static str,
+/// Serves `handler` on `listener` (through TLS when `tls` is given) until
+/// `shutdown` fires, then drains `server`. Connections beyond the cap are
+/// closed at once and counted in `metrics`.
+pub async fn serve<H>(
     listener: TcpListener,
+    server: Arc<Server>,
     handler: Arc<H>,
-    options: ServerOptions,
+    tls: Option<TlsAcceptor>,
     metrics: Arc<Metrics>,
     mut shutdown: ShutdownSignal,
-) {
-    let mut limit = ConnectionLimit::new(name, options.max_connections, metrics);
-    let server = Server::new(name, handler, options);
+) where
+    H: Accepting,
+{
+    let name = server.name;
+    let mut limit = ConnectionLimit::new(name, server.options.max_connections, metrics);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -219,7 +237,7 @@ pub async fn serve<H: Handler>(
                         continue;
                     };
                     let _ = stream.set_nodelay(true);
-                    let connection = server.serve_stream(stream, peer);
+                    let connection = accept(server.clone(), handler.clone(), tls.clone(), stream, peer);
                     tokio::spawn(async move {
                         connection.await;
                         drop(permit);
@@ -235,6 +253,32 @@ pub async fn serve<H: Handler>(
     }
     drop(listener);
     server.drain().await;
+}
+
+/// One accepted connection: the TLS handshake first when `tls` is given
+/// (bounded by the header timeout, as a slow client's request head is),
+/// then HTTP.
+async fn accept<H>(
+    server: Arc<Server>,
+    handler: Arc<H>,
+    tls: Option<TlsAcceptor>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) where
+    H: Accepting,
+{
+    let connection = handler.open_connection(peer);
+    let Some(acceptor) = tls else {
+        return server.serve_stream(handler, connection, stream, peer).await;
+    };
+    let name = server.name;
+    match tokio::time::timeout(server.options.header_read_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => server.serve_stream(handler, connection, tls, peer).await,
+        Ok(Err(error)) => {
+            tracing::debug!(listener = name, %peer, error = %error, "TLS handshake with a client failed");
+        }
+        Err(_) => tracing::debug!(listener = name, %peer, "TLS handshake with a client timed out"),
+    }
 }
 
 /// Reads, up to `timeout`, until the client has sent enough to tell HTTP/1
@@ -258,6 +302,10 @@ async fn first_bytes<S: AsyncRead + Unpin>(mut stream: S, timeout: Duration) -> 
     };
     let known = tokio::time::timeout(timeout, detect).await.unwrap_or(false);
     known.then(|| (Bytes::copy_from_slice(&buffer[..filled]), stream))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn connection_builder(options: &ServerOptions) -> auto::Builder<TokioExecutor> {

@@ -21,6 +21,11 @@ pub(super) async fn handle(shared: &Shared, request: Request<Incoming>) -> Respo
     {
         tokio::time::sleep(Duration::from_millis(millis)).await;
     }
+    if path == "/ws/echo" {
+        // Served whatever the token, so a tunnel's handshake (no token) is seen too.
+        let token_number = valid_token_number(shared, request.headers());
+        return super::websocket::accept(request, token_number);
+    }
     let Some(token_number) = valid_token_number(shared, request.headers()) else {
         shared.counters.api_refusals.fetch_add(1, Ordering::SeqCst);
         // Read the body before refusing, as GoTo's API does: answering early

@@ -4,6 +4,7 @@
 
 mod api;
 mod token_endpoint;
+mod websocket;
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -462,7 +463,7 @@ where
         })
     };
     let builder = auto::Builder::new(TokioExecutor::new());
-    let connection = builder.serve_connection(TokioIo::new(io), service);
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
     tokio::select! {
         _ = connection.as_mut() => return,

@@ -158,6 +158,8 @@ pub struct EndpointOptions {
     pub timeout: Duration,
     /// Extra PEM roots to trust (corporate TLS, tests).
     pub extra_roots_pem: Option<Vec<u8>>,
+    /// Where connections go instead (`--connect-to`).
+    pub connect_to: std::sync::Arc<crate::outbound::ConnectTo>,
 }
 
 impl TokenEndpoint {
@@ -172,6 +174,13 @@ impl TokenEndpoint {
             .connect_timeout(options.timeout)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("goto-auth-proxy/", env!("CARGO_PKG_VERSION")));
+        if let Some(port) = url.port_or_known_default() {
+            if !options.connect_to.is_empty() {
+                builder = builder.dns_resolver(std::sync::Arc::new(
+                    crate::outbound::Resolver::new(options.connect_to.clone(), port),
+                ));
+            }
+        }
         if let Some(pem) = &options.extra_roots_pem {
             for cert in reqwest::Certificate::from_pem_bundle(pem)? {
                 builder = builder.add_root_certificate(cert);

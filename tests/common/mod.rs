@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test crate uses a different part of the harness
 
+pub mod forward;
+pub mod pki;
 pub mod process;
 
 use std::future::Future;

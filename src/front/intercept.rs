@@ -1,0 +1,195 @@
+//! Interception: a `CONNECT` to an inject host is answered `200`, the
+//! client's TLS is terminated with a leaf certificate for that host minted
+//! by the local CA, and every request inside goes through the same request
+//! path as reverse mode to the real host, with the token. The CONNECT
+//! authority, the SNI and each request's `Host` must name the same host:
+//! a differing SNI ends the handshake, a differing `Host` gets 421.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::header::HOST;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::LazyConfigAcceptor;
+
+use crate::ca::CertificateAuthority;
+use crate::proxy::body::ProxyBody;
+use crate::proxy::error::ProxyError;
+use crate::proxy::pool::Affinity;
+use crate::proxy::upstream::Upstream;
+use crate::proxy::ProxyService;
+use crate::server::{Handler, Server};
+
+/// Forward mode was asked for without its CA.
+#[derive(Debug, thiserror::Error)]
+#[error("forward mode needs its CA (--ca-cert-file, --ca-key-file); run `goto-auth-proxy ca init`")]
+pub struct NoAuthority;
+
+/// Serves the inside of intercepted tunnels.
+pub struct Interceptor {
+    proxy: Arc<ProxyService>,
+    ca: Arc<CertificateAuthority>,
+    server: Arc<Server>,
+}
+
+/// One intercepted tunnel: the host its CONNECT named, and where its
+/// requests go.
+pub struct Intercepted {
+    affinity: Affinity,
+    host: String,
+    port: u16,
+    upstream: Upstream,
+}
+
+impl Interceptor {
+    /// Intercepts for `proxy` with certificates from `ca`, serving the
+    /// tunnels on `server` (so the drain covers them).
+    pub fn new(
+        proxy: Arc<ProxyService>,
+        ca: Arc<CertificateAuthority>,
+        server: Arc<Server>,
+    ) -> Self {
+        Self { proxy, ca, server }
+    }
+
+    /// Answers the `CONNECT` and, once the client has the connection to
+    /// itself, serves the tunnel's TLS and the requests inside it.
+    pub fn intercept(
+        self: &Arc<Self>,
+        mut request: Request<Incoming>,
+        peer: SocketAddr,
+        host: String,
+        port: u16,
+        upstream: Upstream,
+    ) -> Response<ProxyBody> {
+        let upgrade = hyper::upgrade::on(&mut request);
+        let interceptor = self.clone();
+        tokio::spawn(async move {
+            match upgrade.await {
+                Ok(upgraded) => {
+                    let tunnel = Intercepted {
+                        affinity: Affinity::new(),
+                        host,
+                        port,
+                        upstream,
+                    };
+                    interceptor
+                        .serve(TokioIo::new(upgraded), peer, tunnel)
+                        .await;
+                }
+                Err(error) => {
+                    tracing::debug!(%peer, error = %error, "a CONNECT tunnel did not open")
+                }
+            }
+        });
+        super::connection_established()
+    }
+
+    /// The TLS handshake with the client (the SNI checked against the
+    /// CONNECT host), then HTTP on the decrypted stream.
+    async fn serve<S>(self: Arc<Self>, stream: S, peer: SocketAddr, tunnel: Intercepted)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let timeout = self.server.options().header_read_timeout;
+        let handshake = async {
+            let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
+                .await
+                .map_err(|e| e.to_string())?;
+            if let Some(sni) = start.client_hello().server_name() {
+                if !sni.eq_ignore_ascii_case(&tunnel.host) {
+                    return Err(format!(
+                        "the TLS server name {sni:?} is not the CONNECT host {}",
+                        tunnel.host
+                    ));
+                }
+            }
+            let config = self
+                .ca
+                .server_config(&tunnel.host)
+                .map_err(|e| e.to_string())?;
+            start.into_stream(config).await.map_err(|e| e.to_string())
+        };
+        let tls = match tokio::time::timeout(timeout, handshake).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(reason)) => {
+                tracing::warn!(%peer, host = %tunnel.host, %reason, "refused the TLS handshake of an intercepted tunnel");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, host = %tunnel.host, "the TLS handshake of an intercepted tunnel timed out");
+                return;
+            }
+        };
+        tracing::debug!(%peer, host = %tunnel.host, "intercepting a tunnel");
+        let server = self.server.clone();
+        server.serve_stream(self, tunnel, tls, peer).await;
+    }
+
+    async fn answer(
+        &self,
+        tunnel: &Intercepted,
+        request: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        if let Err(error) = names_tunnel_host(&request, tunnel) {
+            tracing::warn!(error = %error, "request refused by the proxy");
+            let response = error.into_response();
+            self.proxy.metrics().count_response(response.status());
+            return response;
+        }
+        self.proxy
+            .handle(&tunnel.affinity, request, Some(&tunnel.upstream))
+            .await
+    }
+}
+
+/// Whether the request's `Host` (or HTTP/2 `:authority`) names the host
+/// and port the tunnel was opened for.
+fn names_tunnel_host(request: &Request<Incoming>, tunnel: &Intercepted) -> Result<(), ProxyError> {
+    let named = match request.uri().authority() {
+        Some(authority) => Some(authority.as_str().to_owned()),
+        None => request
+            .headers()
+            .get(HOST)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned),
+    };
+    let matches = named
+        .as_deref()
+        .and_then(|named| http::uri::Authority::try_from(named).ok())
+        .is_some_and(|authority| {
+            authority.host().eq_ignore_ascii_case(&tunnel.host)
+                && authority.port_u16().is_none_or(|port| port == tunnel.port)
+        });
+    if matches {
+        Ok(())
+    } else {
+        Err(ProxyError::Misdirected(format!(
+            "this tunnel was opened for {}:{}, and the request names another host; \
+             open a tunnel to the host you mean",
+            tunnel.host, tunnel.port
+        )))
+    }
+}
+
+impl Handler for Interceptor {
+    type Connection = Intercepted;
+
+    fn drive<'a>(
+        &self,
+        connection: &'a Intercepted,
+    ) -> impl std::future::Future<Output = ()> + Send + 'a {
+        connection.affinity.drive()
+    }
+
+    fn handle(
+        &self,
+        connection: &Intercepted,
+        request: Request<Incoming>,
+    ) -> impl std::future::Future<Output = Response<ProxyBody>> + Send {
+        self.answer(connection, request)
+    }
+}

@@ -1,0 +1,286 @@
+//! The main listener's front door: who may come in (the client key), and
+//! what kind of request this is. Origin-form requests go to their route's
+//! upstream (reverse mode); with forward mode on, `CONNECT` opens a tunnel
+//! (intercepted for inject hosts, see [`intercept`]; a byte [`tunnel`] or a
+//! refusal for others) and absolute-form requests go to the host they name.
+
+pub mod gate;
+pub mod intercept;
+pub mod tunnel;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+
+use self::gate::ClientKey;
+use self::intercept::Interceptor;
+use crate::config::{ForwardSettings, OtherHosts, Settings, UpstreamUrl};
+use crate::outbound::ConnectTo;
+use crate::proxy::body::ProxyBody;
+use crate::proxy::error::ProxyError;
+use crate::proxy::pool::Affinity;
+use crate::proxy::upstream::{Pools, Upstream};
+use crate::proxy::ProxyService;
+use crate::server::{Accepting, Handler, Server};
+
+/// State of one client connection to the main listener.
+pub struct Client {
+    affinity: Affinity,
+    peer: SocketAddr,
+}
+
+/// Forward mode's parts: which hosts get the token, the CA for them, and
+/// how to reach hosts.
+pub struct Forwarder {
+    policy: ForwardSettings,
+    interceptor: Arc<Interceptor>,
+    pools: Arc<Pools>,
+    connect_to: Arc<ConnectTo>,
+    connect_timeout: Duration,
+    upstream_timeout: Duration,
+}
+
+impl Forwarder {
+    /// Forward mode as `settings` say, serving intercepted connections on
+    /// `server` and reaching hosts through `pools` (or, for tunnels, by
+    /// dialing as `--connect-to` says).
+    pub fn new(
+        settings: &Settings,
+        proxy: Arc<ProxyService>,
+        server: Arc<Server>,
+        pools: Arc<Pools>,
+    ) -> Result<Self, intercept::NoAuthority> {
+        let policy = settings.forward.clone();
+        let ca = policy.ca.clone().ok_or(intercept::NoAuthority)?;
+        Ok(Self {
+            policy,
+            interceptor: Arc::new(Interceptor::new(proxy, ca, server)),
+            pools,
+            connect_to: settings.connect_to.clone(),
+            connect_timeout: settings.connect_timeout,
+            upstream_timeout: settings.upstream_timeout,
+        })
+    }
+
+    /// `CONNECT host:port`: intercepted for an inject host, else tunnelled
+    /// or refused as `--other-hosts` says.
+    async fn connect(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let authority = request
+            .uri()
+            .authority()
+            .cloned()
+            .ok_or_else(|| ProxyError::BadRequest("CONNECT needs a host:port target".into()))?;
+        let port = authority.port_u16().unwrap_or(443);
+        let host = authority.host().to_ascii_lowercase();
+        if self.policy.injects(&host) {
+            let upstream = self.host_upstream(&host, port);
+            return Ok(self
+                .interceptor
+                .intercept(request, peer, host, port, upstream));
+        }
+        match self.policy.other_hosts {
+            OtherHosts::Deny => Err(ProxyError::HostNotAllowed(shown_host(&host))),
+            OtherHosts::Tunnel => {
+                let stream = self
+                    .connect_to
+                    .dial(&host, port, self.connect_timeout)
+                    .await
+                    .map_err(|e| {
+                        ProxyError::UpstreamUnreachable(format!(
+                            "{}:{port}: {e}",
+                            shown_host(&host)
+                        ))
+                    })?;
+                Ok(tunnel::open(request, stream, peer))
+            }
+        }
+    }
+
+    /// An absolute-form request (`GET http://host/path`): to an inject host
+    /// it goes over HTTPS with the token; to another host as
+    /// `--other-hosts` says, never with the token.
+    async fn absolute(
+        &self,
+        proxy: &ProxyService,
+        affinity: &Affinity,
+        request: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let uri = request.uri();
+        let authority = uri.authority().cloned().expect("checked by the caller");
+        let host = authority.host().to_ascii_lowercase();
+        if self.policy.injects(&host) {
+            // Plain http to port 80 means the host's HTTPS port; another port is kept.
+            let port = match (uri.scheme_str(), authority.port_u16()) {
+                (Some("http"), None | Some(80)) => 443,
+                (_, Some(port)) => port,
+                (_, None) => 443,
+            };
+            let upstream = self.host_upstream(&host, port);
+            return Ok(proxy.handle(affinity, request, Some(&upstream)).await);
+        }
+        match self.policy.other_hosts {
+            OtherHosts::Deny => Err(ProxyError::HostNotAllowed(shown_host(&host))),
+            OtherHosts::Tunnel => {
+                let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
+                let upstream = Upstream::new(
+                    UpstreamUrl {
+                        scheme,
+                        authority,
+                        base_path: String::new(),
+                    },
+                    &self.pools,
+                );
+                tunnel::forward_plain(&upstream, affinity, request, self.upstream_timeout).await
+            }
+        }
+    }
+
+    /// The upstream for an inject host: HTTPS, the pool shared with every
+    /// route that names the same host.
+    fn host_upstream(&self, host: &str, port: u16) -> Upstream {
+        let authority = if port == 443 {
+            Authority::try_from(host)
+        } else {
+            Authority::try_from(format!("{host}:{port}"))
+        }
+        .expect("a host from a parsed authority, with a port, is an authority");
+        Upstream::new(
+            UpstreamUrl {
+                scheme: Scheme::HTTPS,
+                authority,
+                base_path: String::new(),
+            },
+            &self.pools,
+        )
+    }
+}
+
+/// The main listener's handler.
+pub struct FrontDoor {
+    proxy: Arc<ProxyService>,
+    key: Option<ClientKey>,
+    forward: Option<Forwarder>,
+}
+
+impl FrontDoor {
+    /// A front door to `proxy`, demanding `key` when given, serving forward
+    /// mode when `forward` is given.
+    pub fn new(
+        proxy: Arc<ProxyService>,
+        key: Option<ClientKey>,
+        forward: Option<Forwarder>,
+    ) -> Self {
+        Self {
+            proxy,
+            key,
+            forward,
+        }
+    }
+
+    async fn answer(&self, client: &Client, request: Request<Incoming>) -> Response<ProxyBody> {
+        if self
+            .key
+            .as_ref()
+            .is_some_and(|key| !key.admits(request.headers()))
+        {
+            return self.refused(ProxyError::ProxyAuthRequired);
+        }
+        let forward = self.forward.as_ref();
+        if request.method() == Method::CONNECT {
+            let Some(forward) = forward else {
+                return self.refused(ProxyError::BadRequest(
+                    "CONNECT is served only in forward mode (--forward)".into(),
+                ));
+            };
+            return match forward.connect(request, client.peer).await {
+                Ok(response) => {
+                    self.proxy.metrics().count_response(response.status());
+                    response
+                }
+                Err(error) => self.refused(error),
+            };
+        }
+        match forward {
+            Some(forward) if is_absolute_form(&request) => {
+                match forward
+                    .absolute(&self.proxy, &client.affinity, request)
+                    .await
+                {
+                    Ok(response) => response,
+                    Err(error) => self.refused(error),
+                }
+            }
+            _ => self.proxy.handle(&client.affinity, request, None).await,
+        }
+    }
+
+    /// A request answered by the proxy itself, counted and logged.
+    fn refused(&self, error: ProxyError) -> Response<ProxyBody> {
+        tracing::warn!(error = %error, "request refused by the proxy");
+        let response = error.into_response();
+        self.proxy.metrics().count_response(response.status());
+        response
+    }
+}
+
+/// An HTTP/1 request whose target names a host (`GET http://host/path`);
+/// HTTP/2 requests always carry an authority, so they never count.
+fn is_absolute_form(request: &Request<Incoming>) -> bool {
+    request.version() < Version::HTTP_2 && request.uri().authority().is_some()
+}
+
+/// A client-given host as an error may echo it.
+fn shown_host(host: &str) -> String {
+    let printable = host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
+    if printable {
+        host.to_owned()
+    } else {
+        "(a host name that is not valid)".to_owned()
+    }
+}
+
+impl Handler for FrontDoor {
+    type Connection = Client;
+
+    fn drive<'a>(
+        &self,
+        connection: &'a Client,
+    ) -> impl std::future::Future<Output = ()> + Send + 'a {
+        connection.affinity.drive()
+    }
+
+    fn handle(
+        &self,
+        connection: &Client,
+        request: Request<Incoming>,
+    ) -> impl std::future::Future<Output = Response<ProxyBody>> + Send {
+        self.answer(connection, request)
+    }
+}
+
+impl Accepting for FrontDoor {
+    fn open_connection(&self, peer: SocketAddr) -> Client {
+        Client {
+            affinity: Affinity::new(),
+            peer,
+        }
+    }
+}
+
+/// A `200` to a `CONNECT`, after which the connection is the tunnel's.
+fn connection_established() -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::full(bytes::Bytes::new()));
+    *response.status_mut() = StatusCode::OK;
+    response
+}
