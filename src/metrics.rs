@@ -23,6 +23,35 @@ struct ListenerLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+/// What became of a forward-mode `CONNECT`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectOutcome {
+    /// To an inject host: the TLS inside is the proxy's.
+    Intercepted,
+    /// Its TLS handshake was refused (an SNI naming another host, say).
+    HandshakeRefused,
+    /// To another host: a byte tunnel.
+    Tunnelled,
+    /// To another host, with `--other-hosts deny`.
+    Denied,
+}
+
+impl ConnectOutcome {
+    fn label(self) -> &'static str {
+        match self {
+            ConnectOutcome::Intercepted => "intercepted",
+            ConnectOutcome::HandshakeRefused => "handshake_refused",
+            ConnectOutcome::Tunnelled => "tunnelled",
+            ConnectOutcome::Denied => "denied",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
 }
@@ -38,6 +67,7 @@ pub struct Metrics {
     upstream_connections: Counter,
     state_write_failures: Counter,
     connections_refused: Family<ListenerLabel, Counter>,
+    forward_connects: Family<OutcomeLabel, Counter>,
     expires_in: Gauge<f64, AtomicU64>,
     refresh_token_age: Gauge<f64, AtomicU64>,
     ready: Gauge,
@@ -106,6 +136,12 @@ impl Metrics {
             "Client connections closed at once because --max-connections were open",
             connections_refused.clone(),
         );
+        let forward_connects = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "goto_proxy_forward_connects",
+            "Forward-mode CONNECT requests, by outcome: intercepted, handshake_refused, tunnelled, denied",
+            forward_connects.clone(),
+        );
         let expires_in = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "goto_proxy_access_token_expires_in_seconds",
@@ -133,10 +169,20 @@ impl Metrics {
             upstream_connections,
             state_write_failures,
             connections_refused,
+            forward_connects,
             expires_in,
             refresh_token_age,
             ready,
         }
+    }
+
+    /// Counts a forward-mode `CONNECT` by what became of it.
+    pub fn count_connect(&self, outcome: ConnectOutcome) {
+        self.forward_connects
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.label(),
+            })
+            .inc();
     }
 
     /// Counts a response to a client.

@@ -89,6 +89,11 @@ async fn other_hosts_deny_answers_403_for_tunnels_and_absolute_requests() {
     assert_eq!(response.status(), 403);
     assert_eq!(json_of(response).await["error"], "host_not_allowed");
     assert!(f.other.recorded_requests().is_empty());
+    let denied = f
+        .proxy
+        .metric("goto_proxy_forward_connects_total{outcome=\"denied\"}")
+        .await;
+    assert_eq!(denied, Some(1.0));
 }
 
 #[tokio::test]
@@ -119,6 +124,12 @@ async fn a_differing_sni_or_host_carries_no_token() {
     let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(body["error"], "misdirected_request");
     assert!(f.goto.recorded_requests().is_empty());
+    let series = |outcome| format!("goto_proxy_forward_connects_total{{outcome=\"{outcome}\"}}");
+    assert_eq!(
+        f.proxy.metric(&series("handshake_refused")).await,
+        Some(1.0)
+    );
+    assert_eq!(f.proxy.metric(&series("intercepted")).await, Some(1.0));
 }
 
 #[tokio::test]

@@ -16,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::LazyConfigAcceptor;
 
 use crate::ca::CertificateAuthority;
+use crate::metrics::{ConnectOutcome, Metrics};
 use crate::proxy::body::ProxyBody;
 use crate::proxy::error::ProxyError;
 use crate::proxy::pool::Affinity;
@@ -53,6 +54,11 @@ impl Interceptor {
         server: Arc<Server>,
     ) -> Self {
         Self { proxy, ca, server }
+    }
+
+    /// The metrics intercepted requests are counted in.
+    pub fn metrics(&self) -> &Metrics {
+        self.proxy.metrics()
     }
 
     /// Answers the `CONNECT` and, once the client has the connection to
@@ -113,9 +119,14 @@ impl Interceptor {
                 .map_err(|e| e.to_string())?;
             start.into_stream(config).await.map_err(|e| e.to_string())
         };
+        let metrics = self.proxy.metrics();
         let tls = match tokio::time::timeout(timeout, handshake).await {
-            Ok(Ok(tls)) => tls,
+            Ok(Ok(tls)) => {
+                metrics.count_connect(ConnectOutcome::Intercepted);
+                tls
+            }
             Ok(Err(reason)) => {
+                metrics.count_connect(ConnectOutcome::HandshakeRefused);
                 tracing::warn!(%peer, host = %tunnel.host, %reason, "refused the TLS handshake of an intercepted tunnel");
                 return;
             }

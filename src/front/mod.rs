@@ -19,6 +19,7 @@ use hyper::body::Incoming;
 use self::gate::ClientKey;
 use self::intercept::Interceptor;
 use crate::config::{ForwardSettings, OtherHosts, Settings, UpstreamUrl};
+use crate::metrics::ConnectOutcome;
 use crate::outbound::ConnectTo;
 use crate::proxy::body::ProxyBody;
 use crate::proxy::error::ProxyError;
@@ -86,8 +87,12 @@ impl Forwarder {
                 .interceptor
                 .intercept(request, peer, host, port, upstream));
         }
+        let metrics = self.interceptor.metrics();
         match self.policy.other_hosts {
-            OtherHosts::Deny => Err(ProxyError::HostNotAllowed(shown_host(&host))),
+            OtherHosts::Deny => {
+                metrics.count_connect(ConnectOutcome::Denied);
+                Err(ProxyError::HostNotAllowed(shown_host(&host)))
+            }
             OtherHosts::Tunnel => {
                 let stream = self
                     .connect_to
@@ -99,6 +104,7 @@ impl Forwarder {
                             shown_host(&host)
                         ))
                     })?;
+                metrics.count_connect(ConnectOutcome::Tunnelled);
                 Ok(tunnel::open(request, stream, peer))
             }
         }
