@@ -1,17 +1,19 @@
 #!/usr/bin/env python3
-"""Checks the Kubernetes example for what the proxy needs from it.
+"""Checks the Kubernetes examples for what the proxy needs from them.
 
 Linters check the syntax (yamllint, hadolint, systemd-analyze in .ci/run);
 this checks the meaning: probes on the admin port, loopback listen address,
 secrets as read-only files, the state on a persistent volume, a hardened
 container, and a grace period longer than the preStop pause plus the drain.
+The forward-mode example must also mount the CA into both containers, its
+key into the proxy's only, and point the app's HTTPS_PROXY at the sidecar.
 """
 import re
 import sys
 
 import yaml
 
-PATH = "config/kubernetes.yaml"
+PATHS = ("config/kubernetes.yaml", "config/kubernetes-forward.yaml")
 
 
 def seconds(text):
@@ -21,14 +23,15 @@ def seconds(text):
     return int(match.group(1))
 
 
-def main():
+def check_example(path):
+    """The problems found in the example at `path`."""
     problems = []
 
     def check(condition, what):
         if not condition:
             problems.append(what)
 
-    documents = [d for d in yaml.safe_load_all(open(PATH)) if d]
+    documents = [d for d in yaml.safe_load_all(open(path)) if d]
     kinds = {d["kind"]: d for d in documents}
     check("PersistentVolumeClaim" in kinds, "a PersistentVolumeClaim holds the state")
     deployment = kinds["Deployment"]
@@ -70,11 +73,46 @@ def main():
     grace = pod["terminationGracePeriodSeconds"]
     check(grace > pause + drain, f"grace period {grace}s exceeds preStop {pause}s + drain {drain}s")
 
-    for problem in problems:
-        print(f"{PATH}: missing: {problem}", file=sys.stderr)
-    if problems:
+    if env.get("GOTO_PROXY_FORWARD") == "true":
+        check_forward(check, env, pod, proxy, mounts, volumes)
+    return problems, len(documents)
+
+
+def check_forward(check, env, pod, proxy, mounts, volumes):
+    """Forward mode: the CA in both containers, its key in the proxy's only."""
+    for variable in ("GOTO_CA_CERT_FILE", "GOTO_CA_KEY_FILE"):
+        directory = env[variable].rsplit("/", 1)[0]
+        mount = mounts.get(directory)
+        check(mount is not None and mount.get("readOnly") and "secret" in volumes[mount["name"]],
+              f"{variable} lies in a read-only Secret mount")
+    key_name = env["GOTO_CA_KEY_FILE"].rsplit("/", 1)[1]
+    listen_port = env["GOTO_PROXY_LISTEN"].rsplit(":", 1)[1]
+    for app in pod["containers"]:
+        app_env = {e["name"]: e.get("value") for e in app.get("env", [])}
+        check(app_env.get("HTTPS_PROXY") == f"http://127.0.0.1:{listen_port}",
+              f"{app['name']}: HTTPS_PROXY points at the sidecar")
+        for mount in app.get("volumeMounts", []):
+            secret = volumes[mount["name"]].get("secret")
+            if secret is None:
+                continue
+            items = [item["key"] for item in secret.get("items", [])]
+            check(items and key_name not in items,
+                  f"{app['name']}: mounts the CA certificate only, never {key_name}")
+        trusted = [app_env.get(v) for v in ("NODE_EXTRA_CA_CERTS", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")]
+        check(any(trusted), f"{app['name']}: trusts the CA")
+
+
+def main():
+    failed = False
+    for path in PATHS:
+        problems, count = check_example(path)
+        for problem in problems:
+            print(f"{path}: missing: {problem}", file=sys.stderr)
+        failed = failed or bool(problems)
+        if not problems:
+            print(f"{path}: {count} documents, all checks hold")
+    if failed:
         sys.exit(1)
-    print(f"{PATH}: {len(documents)} documents, all checks hold")
 
 
 if __name__ == "__main__":

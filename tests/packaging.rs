@@ -87,10 +87,16 @@ fn packaging_sets_only_variables_the_binary_reads() {
             "GOTO_CLIENT_SECRET",
             "GOTO_REFRESH_TOKEN",
             "GOTO_PAT",
+            "GOTO_PROXY_CLIENT_KEY",
         ]
         .map(String::from),
     );
-    for file in ["Dockerfile", "kubernetes.yaml", "goto-auth-proxy.service"] {
+    for file in [
+        "Dockerfile",
+        "kubernetes.yaml",
+        "kubernetes-forward.yaml",
+        "goto-auth-proxy.service",
+    ] {
         let text = std::fs::read_to_string(config_file(file)).unwrap();
         let used: BTreeSet<String> = text
             .match_indices("GOTO_")
