@@ -47,6 +47,9 @@ pub struct BenchArgs {
     /// Write an SVG plot of both latency distributions here
     #[arg(long, value_name = "PATH")]
     pub plot: Option<PathBuf>,
+    /// Compare forward mode's intercepted requests with reverse mode's (both to a TLS upstream)
+    #[arg(long)]
+    pub forward: bool,
 }
 
 /// Where the state file is, found as `run` finds it: the arguments of

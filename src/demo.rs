@@ -36,7 +36,7 @@ pub enum DemoError {
     Start(#[from] StartError),
     #[error("cannot start the stand-in: {0}")]
     StandIn(std::io::Error),
-    #[error("cannot make a directory for the demo's state file: {0}")]
+    #[error("cannot write the demo's state directory: {0}")]
     StateDir(std::io::Error),
 }
 
@@ -52,6 +52,11 @@ pub struct Prepared {
 }
 
 impl Prepared {
+    /// The directory of the proxy's state file, removed when the run ends.
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.state_dir
+    }
+
     /// Runs the proxy until `shutdown` fires, then removes the demo's state.
     pub async fn run(self, shutdown: ShutdownSignal) -> Result<(), StartError> {
         let result = app::run(self.settings, self.listeners, shutdown).await;
@@ -71,12 +76,24 @@ pub async fn run(options: DemoOptions, shutdown: ShutdownSignal) -> Result<(), D
 
 /// Starts the stand-in and binds the proxy's listeners, wired as `run` wires them.
 pub async fn prepare(options: DemoOptions) -> Result<Prepared, DemoError> {
+    prepare_with(options, None, |_, _, _| Ok(())).await
+}
+
+/// [`prepare`], with the stand-in serving TLS with `standin_tls` (a PEM
+/// chain and key) when given, and `adjust` changing the proxy's options
+/// last (given the stand-in and the directory of the state file).
+pub async fn prepare_with(
+    options: DemoOptions,
+    standin_tls: Option<(Vec<u8>, Vec<u8>)>,
+    adjust: impl FnOnce(&mut RunOptions, &StandIn, &std::path::Path) -> std::io::Result<()>,
+) -> Result<Prepared, DemoError> {
     let standin = StandIn::start(StandInOptions {
         shape: GrantShape {
             lifetime: options.token_lifetime,
             rotate_every: options.rotate_every,
             ..GrantShape::default()
         },
+        tls: standin_tls,
         ..StandInOptions::default()
     })
     .await
@@ -84,7 +101,7 @@ pub async fn prepare(options: DemoOptions) -> Result<Prepared, DemoError> {
     let state_dir =
         std::env::temp_dir().join(format!("goto-auth-proxy-demo-{}", std::process::id()));
     std::fs::create_dir_all(&state_dir).map_err(DemoError::StateDir)?;
-    let run_options = RunOptions {
+    let mut run_options = RunOptions {
         listen: Some(options.listen),
         admin_listen: Some(options.admin_listen),
         upstream: Some(options.upstream.unwrap_or_else(|| standin.api_url())),
@@ -94,6 +111,7 @@ pub async fn prepare(options: DemoOptions) -> Result<Prepared, DemoError> {
         state_file: Some(state_dir.join("state.json")),
         ..RunOptions::default()
     };
+    adjust(&mut run_options, &standin, &state_dir).map_err(DemoError::StateDir)?;
     let bootstrap = standin.refresh_token();
     // The same settings path as `run`, with the stand-in's credentials as the environment.
     let settings = run_options.resolve(&|name| match name {

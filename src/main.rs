@@ -39,6 +39,7 @@ fn bench(args: BenchArgs) -> ExitCode {
         requests: args.requests.max(1),
         concurrency: args.concurrency.max(1),
         plot: args.plot,
+        forward: args.forward,
     };
     runtime().block_on(async move {
         match goto_auth_proxy::bench::run(options).await {

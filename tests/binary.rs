@@ -511,6 +511,36 @@ fn bench_reports_the_added_latency_and_plots_both_distributions() {
 }
 
 #[test]
+fn bench_forward_compares_intercepted_requests_with_reverse_mode() {
+    let output = proxy_command()
+        .args([
+            "bench",
+            "--forward",
+            "--requests",
+            "200",
+            "--concurrency",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("over TLS"), "{stdout}");
+    for row in ["reverse", "intercepted", "added"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(row) && l.contains("ms")),
+            "no {row} row:\n{stdout}"
+        );
+    }
+}
+
+#[test]
 fn status_warns_of_a_state_file_others_can_read() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
