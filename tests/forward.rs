@@ -309,3 +309,33 @@ async fn websocket_echo_works_through_every_mode() {
     assert_eq!(handshakes.len(), 1);
     assert_eq!(bearer_of(&handshakes[0]), None);
 }
+
+#[tokio::test]
+async fn a_tunnel_keeps_its_place_under_the_connection_cap() {
+    let f = start(|options, _| options.max_connections = Some("1".into())).await;
+    let (status, tunnel) = connect(f.proxy.addr, &format!("{OTHER_HOST}:443"), &[]).await;
+    assert_eq!(status, 200);
+    // The CONNECT's own connection has become the tunnel; while it is
+    // open, another client connection is over the cap.
+    common::wait_for("the proxy to count the tunnel", || async {
+        f.proxy
+            .metric("goto_proxy_forward_connects_total{outcome=\"tunnelled\"}")
+            .await
+            == Some(1.0)
+    })
+    .await;
+    let refused = common::client()
+        .get(f.proxy.url("/G2M/rest/meetings"))
+        .send()
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    drop(tunnel);
+    common::wait_for("the tunnel's place to be free again", || async {
+        common::client()
+            .get(f.proxy.url("/G2M/rest/meetings"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+}

@@ -16,7 +16,7 @@ use goto_auth_proxy::metrics::Metrics;
 use goto_auth_proxy::proxy::route::{Route, RoutePolicy, Router, RoutingTable};
 use goto_auth_proxy::proxy::upstream::{ConnectOptions, Pools, Upstream};
 use goto_auth_proxy::proxy::ProxyService;
-use goto_auth_proxy::server::{serve, Accepting, Server, ServerOptions};
+use goto_auth_proxy::server::{serve, Accepting, Admission, Server, ServerOptions};
 use goto_auth_proxy::shutdown::{self, ShutdownTrigger};
 use goto_auth_proxy::standin::{StandIn, StandInOptions, CLIENT_ID, CLIENT_SECRET};
 use goto_auth_proxy::token::endpoint::{
@@ -241,7 +241,12 @@ async fn a_stream_that_is_not_a_socket_is_served_through_the_same_path() {
     let server = Server::new("in-memory", server_options());
     let (near, far) = tokio::io::duplex(64 * 1024);
     let peer = "127.0.0.1:1".parse().unwrap();
-    tokio::spawn(server.serve_stream(front.clone(), front.open_connection(peer), far, peer));
+    tokio::spawn(server.serve_stream(
+        front.clone(),
+        front.open_connection(peer, Admission::unlimited()),
+        far,
+        peer,
+    ));
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(near))
         .await
         .unwrap();

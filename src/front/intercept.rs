@@ -22,7 +22,7 @@ use crate::proxy::error::ProxyError;
 use crate::proxy::pool::Affinity;
 use crate::proxy::upstream::Upstream;
 use crate::proxy::ProxyService;
-use crate::server::{Handler, Server};
+use crate::server::{Admission, Handler, Server};
 
 /// Forward mode was asked for without its CA.
 #[derive(Debug, thiserror::Error)]
@@ -36,13 +36,29 @@ pub struct Interceptor {
     server: Arc<Server>,
 }
 
-/// One intercepted tunnel: the host its CONNECT named, and where its
-/// requests go.
+/// A `CONNECT` to an inject host, about to be intercepted.
+pub struct Tunnel {
+    /// The client.
+    pub peer: SocketAddr,
+    /// The client connection's place under the connection cap.
+    pub admission: Admission,
+    /// The host the `CONNECT` named (lower case).
+    pub host: String,
+    /// Its port.
+    pub port: u16,
+    /// Where the tunnel's requests go.
+    pub upstream: Upstream,
+}
+
+/// One intercepted tunnel being served: the host its CONNECT named, and
+/// where its requests go.
 pub struct Intercepted {
     affinity: Affinity,
     host: String,
     port: u16,
     upstream: Upstream,
+    /// Held while the tunnel is served.
+    _admission: Admission,
 }
 
 impl Interceptor {
@@ -66,21 +82,20 @@ impl Interceptor {
     pub fn intercept(
         self: &Arc<Self>,
         mut request: Request<Incoming>,
-        peer: SocketAddr,
-        host: String,
-        port: u16,
-        upstream: Upstream,
+        tunnel: Tunnel,
     ) -> Response<ProxyBody> {
         let upgrade = hyper::upgrade::on(&mut request);
         let interceptor = self.clone();
+        let peer = tunnel.peer;
         tokio::spawn(async move {
             match upgrade.await {
                 Ok(upgraded) => {
                     let tunnel = Intercepted {
                         affinity: Affinity::new(),
-                        host,
-                        port,
-                        upstream,
+                        host: tunnel.host,
+                        port: tunnel.port,
+                        upstream: tunnel.upstream,
+                        _admission: tunnel.admission,
                     };
                     interceptor
                         .serve(TokioIo::new(upgraded), peer, tunnel)

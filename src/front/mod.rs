@@ -26,12 +26,14 @@ use crate::proxy::error::ProxyError;
 use crate::proxy::pool::Affinity;
 use crate::proxy::upstream::{Pools, Upstream};
 use crate::proxy::ProxyService;
-use crate::server::{Accepting, Handler, Server};
+use crate::server::{Accepting, Admission, Handler, Server};
 
 /// State of one client connection to the main listener.
 pub struct Client {
     affinity: Affinity,
     peer: SocketAddr,
+    /// Its place under `--max-connections`, kept by its tunnels too.
+    admission: Admission,
 }
 
 /// Forward mode's parts: which hosts get the token, the CA for them, and
@@ -72,7 +74,7 @@ impl Forwarder {
     async fn connect(
         &self,
         request: Request<Incoming>,
-        peer: SocketAddr,
+        client: &Client,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let authority = request
             .uri()
@@ -83,9 +85,14 @@ impl Forwarder {
         let host = authority.host().to_ascii_lowercase();
         if self.policy.injects(&host) {
             let upstream = self.host_upstream(&host, port);
-            return Ok(self
-                .interceptor
-                .intercept(request, peer, host, port, upstream));
+            let tunnel = intercept::Tunnel {
+                peer: client.peer,
+                admission: client.admission.clone(),
+                host,
+                port,
+                upstream,
+            };
+            return Ok(self.interceptor.intercept(request, tunnel));
         }
         let metrics = self.interceptor.metrics();
         match self.policy.other_hosts {
@@ -105,7 +112,12 @@ impl Forwarder {
                         ))
                     })?;
                 metrics.count_connect(ConnectOutcome::Tunnelled);
-                Ok(tunnel::open(request, stream, peer))
+                Ok(tunnel::open(
+                    request,
+                    stream,
+                    client.peer,
+                    client.admission.clone(),
+                ))
             }
         }
     }
@@ -206,7 +218,7 @@ impl FrontDoor {
                     "CONNECT is served only in forward mode (--forward)".into(),
                 ));
             };
-            return match forward.connect(request, client.peer).await {
+            return match forward.connect(request, client).await {
                 Ok(response) => {
                     self.proxy.metrics().count_response(response.status());
                     response
@@ -276,10 +288,11 @@ impl Handler for FrontDoor {
 }
 
 impl Accepting for FrontDoor {
-    fn open_connection(&self, peer: SocketAddr) -> Client {
+    fn open_connection(&self, peer: SocketAddr, admission: Admission) -> Client {
         Client {
             affinity: Affinity::new(),
             peer,
+            admission,
         }
     }
 }

@@ -18,16 +18,20 @@ use crate::proxy::pool::Affinity;
 use crate::proxy::retry::AttemptError;
 use crate::proxy::upgrade::pipe;
 use crate::proxy::upstream::Upstream;
+use crate::server::Admission;
 
 /// Answers the `CONNECT` and, once the client has the connection to
-/// itself, copies bytes between it and `stream` until both close.
+/// itself, copies bytes between it and `stream` until both close, holding
+/// the client connection's `admission` meanwhile.
 pub fn open(
     mut request: Request<Incoming>,
     stream: TcpStream,
     peer: SocketAddr,
+    admission: Admission,
 ) -> Response<ProxyBody> {
     let upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
+        let _admission = admission;
         match upgrade.await {
             Ok(upgraded) => pipe(TokioIo::new(upgraded), stream).await,
             Err(error) => tracing::debug!(%peer, error = %error, "a CONNECT tunnel did not open"),

@@ -13,6 +13,21 @@ use crate::metrics::Metrics;
 /// The quietest a burst of refusals is: one line per this long at most.
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
+/// A connection's place under the cap. Clones share it: what outlives the
+/// connection on its behalf (a tunnel, an upgraded stream) keeps it taken.
+#[derive(Clone, Debug)]
+pub struct Admission {
+    /// Released when the last clone is dropped.
+    _permit: Option<Arc<OwnedSemaphorePermit>>,
+}
+
+impl Admission {
+    /// A place under no cap (a stream the listener did not accept).
+    pub fn unlimited() -> Self {
+        Self { _permit: None }
+    }
+}
+
 /// Admits connections up to a cap, for one listener's accept loop.
 #[derive(Debug)]
 pub struct ConnectionLimit {
@@ -37,11 +52,14 @@ impl ConnectionLimit {
         }
     }
 
-    /// Room for one more connection, held until the permit is dropped; or
-    /// `None`, and the refusal is counted and perhaps logged.
-    pub fn admit(&mut self) -> Option<OwnedSemaphorePermit> {
+    /// Room for one more connection, held until every clone of the
+    /// admission is dropped; or `None`, and the refusal is counted and
+    /// perhaps logged.
+    pub fn admit(&mut self) -> Option<Admission> {
         if let Ok(permit) = self.permits.clone().try_acquire_owned() {
-            return Some(permit);
+            return Some(Admission {
+                _permit: Some(Arc::new(permit)),
+            });
         }
         self.metrics.count_connection_refused(self.listener);
         self.unlogged += 1;

@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-pub use self::limit::ConnectionLimit;
+pub use self::limit::{Admission, ConnectionLimit};
 pub use self::rewind::Rewind;
 use crate::metrics::Metrics;
 use crate::proxy::body::ProxyBody;
@@ -55,8 +55,9 @@ pub trait Handler: Send + Sync + 'static {
 /// A handler for connections accepted from a listener, whose state starts
 /// from the client's address.
 pub trait Accepting: Handler {
-    /// State for a client connection from `peer` that has just been accepted.
-    fn open_connection(&self, peer: SocketAddr) -> Self::Connection;
+    /// State for a client connection from `peer` that has just been
+    /// accepted, holding its place under the connection cap.
+    fn open_connection(&self, peer: SocketAddr, admission: Admission) -> Self::Connection;
 }
 
 /// A handler that answers each request at once from the request alone and
@@ -67,7 +68,7 @@ pub trait Answer: Send + Sync + 'static {
 }
 
 impl<A: Answer> Accepting for A {
-    fn open_connection(&self, _peer: SocketAddr) {}
+    fn open_connection(&self, _peer: SocketAddr, _admission: Admission) {}
 }
 
 impl<A: Answer> Handler for A {
@@ -232,16 +233,13 @@ pub async fn serve<H>(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let Some(permit) = limit.admit() else {
+                    let Some(admission) = limit.admit() else {
                         drop(stream);
                         continue;
                     };
                     let _ = stream.set_nodelay(true);
-                    let connection = accept(server.clone(), handler.clone(), tls.clone(), stream, peer);
-                    tokio::spawn(async move {
-                        connection.await;
-                        drop(permit);
-                    });
+                    let connection = handler.open_connection(peer, admission);
+                    spawn_connection(&server, &handler, connection, tls.as_ref(), stream, peer);
                 }
                 Err(error) => {
                     tracing::warn!(listener = name, error = %error, "accepting a connection failed");
@@ -255,22 +253,43 @@ pub async fn serve<H>(
     server.drain().await;
 }
 
-/// One accepted connection: the TLS handshake first when `tls` is given
-/// (bounded by the header timeout, as a slow client's request head is),
-/// then HTTP.
-async fn accept<H>(
-    server: Arc<Server>,
-    handler: Arc<H>,
-    tls: Option<TlsAcceptor>,
+/// Serves one accepted connection in a task of its own: through TLS when
+/// `tls` is given. Plain connections get a task of their own kind, so that
+/// they do not carry the room a TLS session needs.
+fn spawn_connection<H: Accepting>(
+    server: &Arc<Server>,
+    handler: &Arc<H>,
+    connection: H::Connection,
+    tls: Option<&TlsAcceptor>,
     stream: TcpStream,
     peer: SocketAddr,
-) where
-    H: Accepting,
-{
-    let connection = handler.open_connection(peer);
-    let Some(acceptor) = tls else {
-        return server.serve_stream(handler, connection, stream, peer).await;
-    };
+) {
+    let handler = handler.clone();
+    match tls {
+        None => drop(tokio::spawn(
+            server.serve_stream(handler, connection, stream, peer),
+        )),
+        Some(acceptor) => drop(tokio::spawn(serve_tls(
+            server.clone(),
+            handler,
+            connection,
+            acceptor.clone(),
+            stream,
+            peer,
+        ))),
+    }
+}
+
+/// The TLS handshake (bounded by the header timeout, as a slow client's
+/// request head is), then HTTP on the session.
+async fn serve_tls<H: Handler>(
+    server: Arc<Server>,
+    handler: Arc<H>,
+    connection: H::Connection,
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
     let name = server.name;
     match tokio::time::timeout(server.options.header_read_timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => server.serve_stream(handler, connection, tls, peer).await,

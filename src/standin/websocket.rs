@@ -120,7 +120,7 @@ mod tests {
         // The example of RFC 6455 §1.3.
         assert_eq!(
             super::accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaGnRKlbJpQP1Gb9cU="
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
     }
 }
