@@ -90,6 +90,9 @@ impl ConnectTo {
 
 impl std::fmt::Display for ConnectTo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.rules.is_empty() {
+            return f.write_str("none");
+        }
         let shown = |host: &str| {
             if host.contains(':') {
                 format!("[{host}]")
@@ -282,7 +285,9 @@ mod tests {
             rules.to_string(),
             "api.getgo.com:443:127.0.0.1:8443,[::1]:80:[::1]:8080"
         );
-        assert!(ConnectTo::parse("").unwrap().is_empty());
+        let none = ConnectTo::parse("").unwrap();
+        assert!(none.is_empty());
+        assert_eq!(none.to_string(), "none");
     }
 
     #[test]
