@@ -70,6 +70,7 @@ fn router(tokens: Arc<TokenSource>) -> Router {
             retry_body_limit: 1024 * 1024,
             upstream_timeout: Duration::from_secs(60),
         },
+        metrics: Arc::new(Metrics::new()).account("default"),
     }]))
 }
 
@@ -100,7 +101,7 @@ fn request_path(c: &mut Criterion) {
         b.iter_batched_ref(
             || parts.clone(),
             |parts| {
-                let route = router.route(parts).unwrap();
+                let route = router.route(parts, None).unwrap();
                 let bearer = route.tokens.current().unwrap().unwrap();
                 let uri = route.upstream.uri_for(&parts.uri).unwrap();
                 black_box(upstream_request(parts, uri, &bearer, ProxyBody::Empty))
@@ -199,7 +200,11 @@ fn round_trip(c: &mut Criterion) {
                 _ => None,
             })
             .unwrap();
-        let state_file = settings.default_account().state_file.clone();
+        let state_file = settings
+            .default_account()
+            .expect("the default account")
+            .state_file
+            .clone();
         let listeners = Listeners::bind(&settings).await.unwrap();
         let proxy = listeners.proxy.local_addr().unwrap();
         let (trigger, signal) = shutdown::channel();

@@ -5,12 +5,13 @@ use std::sync::Arc;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::metrics::Metrics;
+use crate::metrics::{AccountReport, Metrics};
 use crate::proxy::body::{response, ProxyBody};
 use crate::proxy::error::json_response;
 use crate::proxy::route::Router;
 use crate::server::Answer;
 use crate::supervisor::Health;
+use crate::token::TokenState;
 
 /// Answers `/healthz`, `/readyz` and `/metrics`.
 #[derive(Debug)]
@@ -31,10 +32,53 @@ impl AdminService {
         }
     }
 
-    /// Whether every account holds a valid token.
-    fn is_ready(&self) -> bool {
+    /// Whether every account holds a valid token, and each account's report.
+    fn readiness(&self) -> (bool, serde_json::Value) {
         let table = self.router.table();
-        !table.routes().is_empty() && table.routes().iter().all(|r| r.tokens.is_ready())
+        let mut accounts = serde_json::Map::new();
+        let mut all_ready = !table.routes().is_empty();
+        for route in table.routes() {
+            let snapshot = route.tokens.snapshot();
+            let ready = route.tokens.is_ready();
+            all_ready &= ready;
+            let expires_in = snapshot.token.as_ref().map(|token| {
+                token
+                    .expires_at_wall()
+                    .duration_since(std::time::SystemTime::now())
+                    .map_or(0, |left| left.as_secs())
+            });
+            let state = match snapshot.state {
+                TokenState::Starting => "starting",
+                TokenState::Fresh => "fresh",
+                TokenState::Retrying => "retrying",
+                TokenState::Rejected => "rejected",
+            };
+            let report = serde_json::json!({
+                "ready": ready,
+                "state": state,
+                "expires_in_seconds": expires_in,
+            });
+            accounts.insert(route.account.clone(), report);
+        }
+        (all_ready, serde_json::json!({ "accounts": accounts }))
+    }
+
+    fn metrics_text(&self) -> String {
+        let table = self.router.table();
+        let snapshots: Vec<_> = table
+            .routes()
+            .iter()
+            .map(|route| (route, route.tokens.snapshot()))
+            .collect();
+        let reports: Vec<AccountReport<'_>> = snapshots
+            .iter()
+            .map(|(route, snapshot)| AccountReport {
+                account: &route.account,
+                snapshot,
+                ready: route.tokens.is_ready(),
+            })
+            .collect();
+        self.metrics.render(&reports)
     }
 }
 
@@ -56,22 +100,20 @@ impl Answer for AdminService {
                     format!("failing: {why}\n"),
                 ),
             },
-            "/readyz" if self.is_ready() => response(StatusCode::OK, "text/plain", "ready\n"),
-            "/readyz" => response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                "no valid access token\n",
-            ),
-            "/metrics" => {
-                let table = self.router.table();
-                let snapshot = table.routes().first().map(|r| r.tokens.snapshot());
-                let rendered = self.metrics.render(snapshot.as_deref(), self.is_ready());
-                response(
-                    StatusCode::OK,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    rendered,
-                )
+            "/readyz" => {
+                let (ready, report) = self.readiness();
+                let status = if ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                response(status, "application/json", report.to_string())
             }
+            "/metrics" => response(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.metrics_text(),
+            ),
             _ => json_response(
                 StatusCode::NOT_FOUND,
                 "not_found",

@@ -261,12 +261,13 @@ async fn start_account(
         Credential::RefreshToken { .. } => Some((store, version)),
     };
     let tokens = Arc::new(TokenSource::new());
+    let account_metrics = metrics.account(&account.name);
     let refresher = Refresher::new(
         account.token_endpoint(settings)?,
         credential,
         persist,
         tokens.clone(),
-        metrics.clone(),
+        account_metrics.clone(),
         settings.refresh_margin,
     );
     let route = Route {
@@ -278,13 +279,13 @@ async fn start_account(
             retry_body_limit: settings.retry_body_limit,
             upstream_timeout: settings.upstream_timeout,
         },
+        metrics: account_metrics,
     };
     Ok((route, refresher))
 }
 
 fn log_start(settings: &Settings, listeners: &Listeners) {
     let address = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    let default = settings.default_account();
     let scheme = if settings.access.listener_tls.is_some() {
         "https"
     } else {
@@ -292,7 +293,7 @@ fn log_start(settings: &Settings, listeners: &Listeners) {
     };
     tracing::info!(
         listen = %address(&listeners.proxy),
-        upstream = %default.upstream,
+        accounts = settings.accounts.len(),
         tls = settings.access.listener_tls.is_some(),
         client_certificates = settings.access.client_ca_file.is_some(),
         client_key = settings.access.client_key.is_some(),

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand};
 
 use crate::config::{
-    default_state_file, ConfigError, RunOptions, DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN,
+    default_state_file, named_state_file, ConfigError, RunOptions, DEFAULT_ACCOUNT,
+    DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN,
 };
 use crate::login::{DEFAULT_AUTHORIZE_URL, DEFAULT_REDIRECT_URI};
 
@@ -80,6 +81,35 @@ impl StateFileArgs {
         Ok(file
             .state_file
             .unwrap_or_else(|| default_state_file(lookup_env)))
+    }
+
+    /// Every account's state file, as `run` would use them: the default
+    /// account's (when the config file's top level names a client, or
+    /// declares no other account), then each `[accounts.NAME]`'s.
+    pub fn state_files(
+        &self,
+        lookup_env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Vec<(String, PathBuf)>, ConfigError> {
+        let default = self.state_file(lookup_env)?;
+        if self.state_file.is_some() {
+            return Ok(vec![(DEFAULT_ACCOUNT.to_owned(), default)]);
+        }
+        let file = match &self.config {
+            Some(path) => RunOptions::from_toml_file(path)?,
+            None => RunOptions::default(),
+        };
+        let tables = file.accounts.unwrap_or_default();
+        let mut files = Vec::with_capacity(tables.len() + 1);
+        if file.client_id.is_some() || tables.is_empty() {
+            files.push((DEFAULT_ACCOUNT.to_owned(), default.clone()));
+        }
+        for (name, table) in tables {
+            let path = table
+                .state_file
+                .unwrap_or_else(|| named_state_file(&default, &name));
+            files.push((name, path));
+        }
+        Ok(files)
     }
 }
 
@@ -175,6 +205,9 @@ pub struct LoginArgs {
     /// Only print the URL; do not try to open a browser
     #[arg(long)]
     pub no_browser: bool,
+    /// The account to sign in for ([accounts.NAME] in the config file)
+    #[arg(long, default_value = DEFAULT_ACCOUNT, value_name = "NAME")]
+    pub account: String,
     /// The settings.
     #[command(flatten)]
     pub options: RunOptions,

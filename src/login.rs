@@ -35,6 +35,8 @@ pub struct LoginOptions {
     pub timeout: Duration,
     /// Try to open the consent page in a browser.
     pub open_browser: bool,
+    /// The account to sign in for.
+    pub account: String,
 }
 
 /// Why `login` did not get a refresh token. Texts never hold a secret.
@@ -64,6 +66,8 @@ pub enum LoginError {
     Client(#[from] reqwest::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("no account {0} is configured; name one the configuration declares with --account")]
+    UnknownAccount(String),
 }
 
 /// The PKCE S256 challenge for `verifier`: BASE64URL(SHA-256(verifier)).
@@ -93,12 +97,15 @@ pub async fn login(
     settings: &Settings,
     options: LoginOptions,
 ) -> Result<PersistedState, LoginError> {
+    let account = settings
+        .account(&options.account)
+        .ok_or_else(|| LoginError::UnknownAccount(options.account.clone()))?;
     let (listener, redirect_uri) = bind_redirect(&options.redirect_uri).await?;
     let state = random_string(16);
     let verifier = random_string(48);
     let authorize_url = authorize_url(
         &options.authorize_url,
-        &settings.default_account().client.id,
+        &account.client.id,
         &redirect_uri,
         &state,
         &verifier,
@@ -115,7 +122,6 @@ pub async fn login(
         options.timeout,
     )
     .await?;
-    let account = settings.default_account();
     let endpoint = account.token_endpoint(settings)?;
     let grant = endpoint
         .request(&Grant::AuthorizationCode {

@@ -63,6 +63,7 @@ fn login(args: LoginArgs) -> ExitCode {
         redirect_uri: args.redirect_uri,
         timeout: args.timeout,
         open_browser: !args.no_browser,
+        account: args.account,
     };
     runtime().block_on(async move {
         match goto_auth_proxy::login::login(&settings, options).await {
@@ -88,26 +89,38 @@ fn resolve(options: Result<RunOptions, ConfigError>) -> Result<Settings, ExitCod
 fn status(args: StateFileArgs) -> ExitCode {
     // Warnings (a state file others can read) go to stderr; the report is the output.
     telemetry::init(LogFormat::Text, "warn");
-    let path = match args.state_file(&|name| std::env::var(name).ok()) {
-        Ok(path) => path,
+    let files = match args.state_files(&|name| std::env::var(name).ok()) {
+        Ok(files) => files,
         Err(error) => {
             eprintln!("goto-auth-proxy: configuration error: {error}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
     runtime().block_on(async move {
-        let store = goto_auth_proxy::store::open(&path);
-        let state = match store.load().await {
-            Ok(state) => state.map(|stored| stored.state),
-            Err(error) => {
-                eprintln!("goto-auth-proxy: {error}");
-                return ExitCode::from(Verdict::Missing.exit_code());
+        let mut verdicts = Vec::with_capacity(files.len());
+        for (index, (account, path)) in files.iter().enumerate() {
+            if files.len() > 1 {
+                let gap = if index > 0 { "\n" } else { "" };
+                println!("{gap}account:        {account}");
             }
-        };
-        let (text, verdict) =
-            goto_auth_proxy::status::report(&store.location(), state.as_ref(), SystemTime::now());
-        print!("{text}");
-        ExitCode::from(verdict.exit_code())
+            let store = goto_auth_proxy::store::open(path);
+            let state = match store.load().await {
+                Ok(state) => state.map(|stored| stored.state),
+                Err(error) => {
+                    eprintln!("goto-auth-proxy: account {account}: {error}");
+                    verdicts.push(Verdict::Missing);
+                    continue;
+                }
+            };
+            let (text, verdict) = goto_auth_proxy::status::report(
+                &store.location(),
+                state.as_ref(),
+                SystemTime::now(),
+            );
+            print!("{text}");
+            verdicts.push(verdict);
+        }
+        ExitCode::from(Verdict::worst(&verdicts).exit_code())
     })
 }
 

@@ -1,6 +1,7 @@
 //! Prometheus metrics. Labels are fixed words, never request data or secrets.
 
 use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -13,8 +14,20 @@ use prometheus_client::registry::Registry;
 use crate::token::Snapshot;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ClassLabel {
+struct AccountLabel {
+    account: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AccountClassLabel {
+    account: String,
     class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AccountResultLabel {
+    account: String,
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -51,31 +64,68 @@ impl ConnectOutcome {
     }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ResultLabel {
-    result: &'static str,
+/// The `account` label of what no account answered (a request with no
+/// route, a refusal at the front door).
+pub const NO_ACCOUNT: &str = "";
+
+type HistogramFamily = Family<AccountLabel, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
-/// Every metric the proxy exports.
+/// Every metric the proxy exports. Per-account series carry an `account`
+/// label; an account's handles come from [`Metrics::account`].
 pub struct Metrics {
     registry: Registry,
-    /// Counters per status class, resolved once so the request path only adds.
-    by_class: [Counter; 6],
-    upstream_latency: Histogram,
-    refreshes: Family<ResultLabel, Counter>,
-    auth_retries: Counter,
+    requests: Family<AccountClassLabel, Counter>,
+    upstream_latency: HistogramFamily,
+    refreshes: Family<AccountResultLabel, Counter>,
+    auth_retries: Family<AccountLabel, Counter>,
+    state_write_failures: Family<AccountLabel, Counter>,
+    expires_in: Family<AccountLabel, Gauge<f64, AtomicU64>>,
+    refresh_token_age: Family<AccountLabel, Gauge<f64, AtomicU64>>,
+    ready: Family<AccountLabel, Gauge>,
     upstream_connections: Counter,
-    state_write_failures: Counter,
     connections_refused: Family<ListenerLabel, Counter>,
     forward_connects: Family<OutcomeLabel, Counter>,
-    expires_in: Gauge<f64, AtomicU64>,
-    refresh_token_age: Gauge<f64, AtomicU64>,
-    ready: Gauge,
+    /// The unrouted answers' counters, resolved once.
+    unrouted: [Counter; 6],
+}
+
+/// One account's handles to its series, resolved once so that the request
+/// path only adds. Cheap to clone.
+#[derive(Clone)]
+pub struct AccountMetrics {
+    account: String,
+    by_class: [Counter; 6],
+    upstream_latency: Histogram,
+    auth_retries: Counter,
+    state_write_failures: Counter,
+    metrics: Arc<Metrics>,
+}
+
+/// What `/metrics` reports of one account's token.
+pub struct AccountReport<'a> {
+    /// The account.
+    pub account: &'a str,
+    /// Its token source's state.
+    pub snapshot: &'a Snapshot,
+    /// Whether it holds a valid token.
+    pub ready: bool,
 }
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for AccountMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccountMetrics")
+            .field("account", &self.account)
+            .finish_non_exhaustive()
     }
 }
 
@@ -87,30 +137,36 @@ impl Default for Metrics {
 
 const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"];
 
+fn class_index(status: http::StatusCode) -> usize {
+    match status.as_u16() / 100 {
+        class @ 1..=5 => usize::from(class) - 1,
+        _ => 5,
+    }
+}
+
 impl Metrics {
     /// A fresh registry with every metric registered.
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        let requests = Family::<ClassLabel, Counter>::default();
+        let requests = Family::<AccountClassLabel, Counter>::default();
         registry.register(
             "goto_proxy_requests",
-            "Requests answered to clients, by HTTP status class",
+            "Requests answered to clients, by account and HTTP status class",
             requests.clone(),
         );
-        let by_class = CLASSES.map(|class| requests.get_or_create(&ClassLabel { class }).clone());
-        let upstream_latency = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let upstream_latency = HistogramFamily::new_with_constructor(latency_histogram);
         registry.register(
             "goto_proxy_upstream_duration_seconds",
             "Time from sending a request upstream to its response headers",
             upstream_latency.clone(),
         );
-        let refreshes = Family::<ResultLabel, Counter>::default();
+        let refreshes = Family::<AccountResultLabel, Counter>::default();
         registry.register(
             "goto_proxy_token_refreshes",
-            "Token requests to the token endpoint, by result",
+            "Token requests to the token endpoint, by account and result",
             refreshes.clone(),
         );
-        let auth_retries = Counter::default();
+        let auth_retries = Family::<AccountLabel, Counter>::default();
         registry.register(
             "goto_proxy_auth_retries",
             "Requests retried after upstream refused the token (401, or 403 InvalidToken)",
@@ -122,7 +178,7 @@ impl Metrics {
             "Connections opened to the upstream; a count that keeps climbing under steady load means churn",
             upstream_connections.clone(),
         );
-        let state_write_failures = Counter::default();
+        let state_write_failures = Family::<AccountLabel, Counter>::default();
         registry.register(
             "goto_proxy_state_write_failures",
             "Failed writes of the state file (the refresh token may not be durable)",
@@ -142,37 +198,84 @@ impl Metrics {
             "Forward-mode CONNECT requests, by outcome: intercepted, handshake_refused, tunnelled, denied",
             forward_connects.clone(),
         );
-        let expires_in = Gauge::<f64, AtomicU64>::default();
+        let expires_in = Family::<AccountLabel, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "goto_proxy_access_token_expires_in_seconds",
-            "Seconds until the current access token expires (negative once expired)",
+            "Seconds until the account's access token expires (negative once expired)",
             expires_in.clone(),
         );
-        let refresh_token_age = Gauge::<f64, AtomicU64>::default();
+        let refresh_token_age = Family::<AccountLabel, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "goto_proxy_refresh_token_age_seconds",
-            "Seconds since the refresh token in use was first seen",
+            "Seconds since the account's refresh token in use was first seen",
             refresh_token_age.clone(),
         );
-        let ready = Gauge::default();
+        let ready = Family::<AccountLabel, Gauge>::default();
         registry.register(
             "goto_proxy_token_ready",
-            "1 while a valid access token is held, else 0",
+            "1 while the account holds a valid access token, else 0",
             ready.clone(),
         );
+        let unrouted = class_counters(&requests, NO_ACCOUNT);
         Self {
             registry,
-            by_class,
+            requests,
             upstream_latency,
             refreshes,
             auth_retries,
-            upstream_connections,
             state_write_failures,
-            connections_refused,
-            forward_connects,
             expires_in,
             refresh_token_age,
             ready,
+            upstream_connections,
+            connections_refused,
+            forward_connects,
+            unrouted,
+        }
+    }
+
+    /// The handles of `account`'s series, which start at zero.
+    pub fn account(self: &Arc<Self>, account: &str) -> AccountMetrics {
+        let label = AccountLabel {
+            account: account.to_owned(),
+        };
+        drop(self.refreshes.get_or_create(&AccountResultLabel {
+            account: account.to_owned(),
+            result: "success",
+        }));
+        AccountMetrics {
+            account: account.to_owned(),
+            by_class: class_counters(&self.requests, account),
+            upstream_latency: self.upstream_latency.get_or_create(&label).clone(),
+            auth_retries: self.auth_retries.get_or_create(&label).clone(),
+            state_write_failures: self.state_write_failures.get_or_create(&label).clone(),
+            metrics: self.clone(),
+        }
+    }
+
+    /// Removes every series of `account` (an account no longer served).
+    pub fn forget(&self, account: &str) {
+        let label = AccountLabel {
+            account: account.to_owned(),
+        };
+        for class in CLASSES {
+            self.requests.remove(&AccountClassLabel {
+                account: account.to_owned(),
+                class,
+            });
+        }
+        self.upstream_latency.remove(&label);
+        self.auth_retries.remove(&label);
+        self.state_write_failures.remove(&label);
+        self.expires_in.remove(&label);
+        self.refresh_token_age.remove(&label);
+        self.ready.remove(&label);
+        let results = crate::token::endpoint::EndpointError::KINDS;
+        for result in results.into_iter().chain(["success"]) {
+            self.refreshes.remove(&AccountResultLabel {
+                account: account.to_owned(),
+                result,
+            });
         }
     }
 
@@ -185,28 +288,9 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts a response to a client.
-    pub fn count_response(&self, status: http::StatusCode) {
-        let index = match status.as_u16() / 100 {
-            class @ 1..=5 => usize::from(class) - 1,
-            _ => 5,
-        };
-        self.by_class[index].inc();
-    }
-
-    /// Records how long upstream took to answer with headers.
-    pub fn observe_upstream(&self, elapsed: Duration) {
-        self.upstream_latency.observe(elapsed.as_secs_f64());
-    }
-
-    /// Counts a token request by its result (`success` or an error kind).
-    pub fn count_refresh(&self, result: &'static str) {
-        self.refreshes.get_or_create(&ResultLabel { result }).inc();
-    }
-
-    /// Counts a request retried after a token refusal.
-    pub fn count_auth_retry(&self) {
-        self.auth_retries.inc();
+    /// Counts an answer no account gave (no route, the front door's refusals).
+    pub fn count_unrouted_response(&self, status: http::StatusCode) {
+        self.unrouted[class_index(status)].inc();
     }
 
     /// Counts a connection opened to the upstream.
@@ -221,27 +305,87 @@ impl Metrics {
             .inc();
     }
 
+    /// Renders the text exposition format, after updating each account's
+    /// token gauges from its report.
+    pub fn render(&self, accounts: &[AccountReport<'_>]) -> String {
+        let now = SystemTime::now();
+        for report in accounts {
+            let label = AccountLabel {
+                account: report.account.to_owned(),
+            };
+            if let Some(token) = report.snapshot.token.as_ref() {
+                self.expires_in
+                    .get_or_create(&label)
+                    .set(signed_seconds(token.expires_at_wall(), now));
+            }
+            if let Some(since) = report.snapshot.refresh_token_since {
+                let since = SystemTime::UNIX_EPOCH + Duration::from_secs(since);
+                self.refresh_token_age
+                    .get_or_create(&label)
+                    .set(-signed_seconds(since, now));
+            }
+            self.ready
+                .get_or_create(&label)
+                .set(i64::from(report.ready));
+        }
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+fn class_counters(requests: &Family<AccountClassLabel, Counter>, account: &str) -> [Counter; 6] {
+    CLASSES.map(|class| {
+        requests
+            .get_or_create(&AccountClassLabel {
+                account: account.to_owned(),
+                class,
+            })
+            .clone()
+    })
+}
+
+impl AccountMetrics {
+    /// The account's name.
+    pub fn account(&self) -> &str {
+        &self.account
+    }
+
+    /// Counts a response to a client.
+    pub fn count_response(&self, status: http::StatusCode) {
+        self.by_class[class_index(status)].inc();
+    }
+
+    /// Records how long upstream took to answer with headers.
+    pub fn observe_upstream(&self, elapsed: Duration) {
+        self.upstream_latency.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a request retried after a token refusal.
+    pub fn count_auth_retry(&self) {
+        self.auth_retries.inc();
+    }
+
+    /// Counts a token request by its result (`success` or an error kind).
+    pub fn count_refresh(&self, result: &'static str) {
+        self.metrics
+            .refreshes
+            .get_or_create(&AccountResultLabel {
+                account: self.account.clone(),
+                result,
+            })
+            .inc();
+    }
+
     /// Counts a failed state write.
     pub fn count_state_write_failure(&self) {
         self.state_write_failures.inc();
     }
 
-    /// Renders the text exposition format, after updating the token gauges from `snapshot`.
-    pub fn render(&self, snapshot: Option<&Snapshot>, ready: bool) -> String {
-        let now = SystemTime::now();
-        if let Some(token) = snapshot.and_then(|s| s.token.as_ref()) {
-            self.expires_in
-                .set(signed_seconds(token.expires_at_wall(), now));
-        }
-        if let Some(since) = snapshot.and_then(|s| s.refresh_token_since) {
-            let since = SystemTime::UNIX_EPOCH + Duration::from_secs(since);
-            self.refresh_token_age.set(-signed_seconds(since, now));
-        }
-        self.ready.set(i64::from(ready));
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &self.registry)
-            .expect("writing to a String cannot fail");
-        text
+    /// The registry these handles belong to.
+    pub fn registry(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 }
 

@@ -18,6 +18,15 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// The verdict on several accounts: missing if any is, else stale if
+    /// any is, else usable.
+    pub fn worst(verdicts: &[Verdict]) -> Verdict {
+        [Verdict::Missing, Verdict::Stale]
+            .into_iter()
+            .find(|bad| verdicts.contains(bad))
+            .unwrap_or(Verdict::Usable)
+    }
+
     /// 0 usable, 1 missing, 2 stale.
     pub fn exit_code(self) -> u8 {
         match self {

@@ -433,6 +433,45 @@ fn write_state(path: &std::path::Path, refresh_token: &str, days_old: u64) {
 }
 
 #[test]
+fn status_lists_every_account_and_exits_by_the_worst() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "client_id = \"top\"\nstate_file = \"{}\"\n\n[accounts.eu]\nclient_id = \"eu\"\n",
+            dir.path().join("state.json").display()
+        ),
+    )
+    .unwrap();
+    write_state(
+        &dir.path().join("state.json"),
+        "rt-default-must-not-show",
+        1,
+    );
+    let status = || {
+        let output = proxy_command()
+            .args(["status", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        (
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            output.status.code(),
+        )
+    };
+    let (text, code) = status();
+    assert_eq!(code, Some(1), "the eu account has no state yet:\n{text}");
+    assert!(text.contains("account:        default"), "{text}");
+    assert!(text.contains("account:        eu"), "{text}");
+    assert!(text.contains("state-eu.json"), "{text}");
+    write_state(&dir.path().join("state-eu.json"), "rt-eu-must-not-show", 1);
+    let (text, code) = status();
+    assert_eq!(code, Some(0), "{text}");
+    assert!(!text.contains("must-not-show"), "{text}");
+}
+
+#[test]
 fn status_reports_the_state_without_secrets_and_exits_by_verdict() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.json");

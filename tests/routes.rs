@@ -60,7 +60,7 @@ async fn account() -> Account {
         },
         None,
         tokens.clone(),
-        Arc::new(Metrics::new()),
+        Arc::new(Metrics::new()).account("test"),
         Duration::from_secs(300),
     );
     let (stop, signal) = shutdown::channel();
@@ -86,6 +86,7 @@ fn route(name: &str, account: &Account, pools: &Pools) -> Route {
             retry_body_limit: 1024 * 1024,
             upstream_timeout: Duration::from_secs(30),
         },
+        metrics: Arc::new(Metrics::new()).account(name),
     }
 }
 

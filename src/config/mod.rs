@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use serde::{Serialize, Serializer};
 
-pub use self::options::RunOptions;
-pub use self::parse::{default_state_file, is_loopback_host};
+pub use self::options::{AccountTable, RunOptions};
+pub use self::parse::{default_state_file, is_loopback_host, named_state_file};
 use crate::ca::CertificateAuthority;
 use crate::outbound::ConnectTo;
 use crate::proxy::allow::RequestRules;
@@ -277,9 +277,14 @@ impl ForwardSettings {
 }
 
 impl Settings {
-    /// The account requests go to when they name none: `default`, the first.
-    pub fn default_account(&self) -> &AccountSettings {
-        &self.accounts[0]
+    /// The account requests go to when they name none, if there is one.
+    pub fn default_account(&self) -> Option<&AccountSettings> {
+        self.account(DEFAULT_ACCOUNT)
+    }
+
+    /// The account called `name`.
+    pub fn account(&self, name: &str) -> Option<&AccountSettings> {
+        self.accounts.iter().find(|account| account.name == name)
     }
 
     /// A listing of the effective settings for `run --check`, one `key =
@@ -415,13 +420,13 @@ mod tests {
         let settings = base().resolve(&env_with_secret).unwrap();
         assert_eq!(settings.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(
-            settings.default_account().upstream.to_string(),
+            settings.default_account().unwrap().upstream.to_string(),
             DEFAULT_UPSTREAM
         );
         assert_eq!(settings.refresh_margin, DEFAULT_REFRESH_MARGIN);
         assert_eq!(settings.retry_body_limit, DEFAULT_RETRY_BODY_LIMIT);
         assert!(matches!(
-            settings.default_account().bootstrap,
+            settings.default_account().unwrap().bootstrap,
             Bootstrap::None
         ));
     }
@@ -470,6 +475,7 @@ mod tests {
                 .resolve(&env_with_secret)
                 .unwrap()
                 .default_account()
+                .unwrap()
                 .upstream
                 .base_path,
             "/goto"
@@ -614,5 +620,107 @@ mod tests {
         }
         assert!(!listing.contains("-value"), "{listing}");
         assert!(!listing.contains("extra_roots_pem"), "{listing}");
+    }
+
+    fn with_tables(tables: &[(&str, AccountTable)]) -> RunOptions {
+        RunOptions {
+            state_file: Some("/var/lib/goto/state.json".into()),
+            accounts: Some(
+                tables
+                    .iter()
+                    .map(|(name, table)| ((*name).to_owned(), table.clone()))
+                    .collect(),
+            ),
+            ..base()
+        }
+    }
+
+    fn table(secret: &std::path::Path) -> AccountTable {
+        AccountTable {
+            client_id: Some("eu-client".into()),
+            client_secret_file: Some(secret.to_owned()),
+            ..AccountTable::default()
+        }
+    }
+
+    #[test]
+    fn account_tables_become_accounts_after_the_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s\n").unwrap();
+        let settings = with_tables(&[("eu", table(&secret)), ("apac", table(&secret))])
+            .resolve(&env_with_secret)
+            .unwrap();
+        let names: Vec<_> = settings.accounts.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["default", "apac", "eu"]);
+        let eu = settings.account("eu").unwrap();
+        assert_eq!(eu.client.id, "eu-client");
+        assert_eq!(
+            eu.state_file,
+            std::path::Path::new("/var/lib/goto/state-eu.json")
+        );
+        assert!(settings
+            .describe()
+            .contains("accounts.eu.client_id = eu-client\n"));
+    }
+
+    #[test]
+    fn account_tables_are_checked_naming_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s\n").unwrap();
+        let no_id = AccountTable {
+            client_id: None,
+            ..table(&secret)
+        };
+        let err = error_of(with_tables(&[("eu", no_id)]));
+        assert_eq!(
+            err.problem,
+            "accounts.eu.client_id: required; set client_id in [accounts.eu]"
+        );
+        let no_secret = AccountTable {
+            client_secret_file: None,
+            ..table(&secret)
+        };
+        // The default account's GOTO_CLIENT_SECRET is not the named account's.
+        let err = error_of(with_tables(&[("eu", no_secret)]));
+        assert!(
+            err.problem
+                .starts_with("accounts.eu.client_secret_file: required"),
+            "{err}"
+        );
+        let err = error_of(with_tables(&[("EU", table(&secret))]));
+        assert!(err.problem.contains("a-z, 0-9"), "{err}");
+        let evil = AccountTable {
+            upstream: Some("https://evil.example".into()),
+            ..table(&secret)
+        };
+        let err = error_of(with_tables(&[("eu", evil)]));
+        assert!(err.problem.starts_with("accounts.eu.upstream:"), "{err}");
+        let shared = AccountTable {
+            state_file: Some("/var/lib/goto/state.json".into()),
+            ..table(&secret)
+        };
+        let err = error_of(with_tables(&[("eu", shared)]));
+        assert!(err.problem.contains("share the state file"), "{err}");
+        let err = error_of(with_tables(&[("default", table(&secret))]));
+        assert!(err.problem.contains("[accounts.default]"), "{err}");
+    }
+
+    #[test]
+    fn account_tables_parse_from_toml_and_refuse_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(
+            &path,
+            "[accounts.eu]\nclient_id = \"x\"\nclient_secret_file = \"/s\"\n",
+        )
+        .unwrap();
+        let options = RunOptions::from_toml_file(&path).unwrap();
+        let tables = options.accounts.unwrap();
+        assert_eq!(tables["eu"].client_id.as_deref(), Some("x"));
+        std::fs::write(&path, "[accounts.eu]\nclient_secret = \"hunter2\"\n").unwrap();
+        let err = RunOptions::from_toml_file(&path).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 }

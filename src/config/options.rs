@@ -3,6 +3,7 @@
 //! (with environment fallbacks) and from the TOML file, so the keys cannot
 //! drift apart, and layers are merged key by key.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -146,7 +147,31 @@ layered_options! {
         /// Log format: text or json [default: text]
         #[arg(long, env = "GOTO_PROXY_LOG_FORMAT", value_name = "FORMAT")]
         pub log_format: Option<String>,
+        /// Further accounts: `[accounts.NAME]` tables, from the TOML file only.
+        #[arg(skip)]
+        pub accounts: Option<BTreeMap<String, AccountTable>>,
     }
+}
+
+/// One `[accounts.NAME]` table of the TOML file: an account besides the
+/// one the top-level keys describe. Secrets appear only as paths.
+#[derive(Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccountTable {
+    /// The OAuth client's id.
+    pub client_id: Option<String>,
+    /// File holding the client secret.
+    pub client_secret_file: Option<PathBuf>,
+    /// File holding the bootstrap refresh token.
+    pub refresh_token_file: Option<PathBuf>,
+    /// File holding a personal access token.
+    pub pat_file: Option<PathBuf>,
+    /// The account's own state file.
+    pub state_file: Option<PathBuf>,
+    /// Where its requests go.
+    pub upstream: Option<String>,
+    /// Its token endpoint.
+    pub token_url: Option<String>,
 }
 
 impl RunOptions {

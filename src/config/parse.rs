@@ -130,6 +130,16 @@ pub(super) fn ca_file(path: &Path) -> Result<Vec<u8>, ConfigError> {
     Ok(pem)
 }
 
+/// The state file of the account `name` declared without one: `state-NAME.json`
+/// in the directory of the default account's state file.
+pub fn named_state_file(default_state_file: &Path, name: &str) -> PathBuf {
+    default_state_file
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_default()
+        .join(format!("state-{name}.json"))
+}
+
 /// A comma-separated list of host names (lower-cased), at least one.
 pub(super) fn hosts(setting: &'static str, value: &str) -> Result<Vec<String>, ConfigError> {
     let hosts: Vec<String> = value

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use std::sync::Arc;
 
-use super::options::RunOptions;
+use super::options::{AccountTable, RunOptions};
 use super::parse;
 use super::*;
 use crate::outbound::ConnectTo;
@@ -31,39 +31,25 @@ impl RunOptions {
             .as_deref()
             .map(parse::ca_file)
             .transpose()?;
-        let default_account = AccountOptions {
-            upstream: self.upstream.take(),
-            allow_custom_upstream: self.allow_custom_upstream.take(),
-            token_url: self.token_url.take(),
-            client_id: self.client_id.take(),
-            client_secret_file: parse::utf8_path(
-                "--client-secret-file",
-                self.client_secret_file.take(),
-            )?,
-            refresh_token_file: parse::utf8_path(
-                "--refresh-token-file",
-                self.refresh_token_file.take(),
-            )?,
-            pat_file: parse::utf8_path("--pat-file", self.pat_file.take())?,
-            state_file: parse::utf8_path("--state-file", self.state_file.take())?,
-        }
-        .resolve(DEFAULT_ACCOUNT, lookup_env)?;
+        let accounts = self.resolve_accounts(lookup_env)?;
         let connect_to = match &self.connect_to {
             Some(rules) => {
                 ConnectTo::parse(rules).map_err(|e| ConfigError::new("--connect-to", e))?
             }
             None => ConnectTo::default(),
         };
-        connect_to
-            .check_token_url(&default_account.token_url)
-            .map_err(|e| ConfigError::new("--connect-to", e))?;
-        let forward = self.forward_settings(&default_account.state_file)?;
+        for account in &accounts {
+            connect_to
+                .check_token_url(&account.token_url)
+                .map_err(|e| ConfigError::new("--connect-to", e))?;
+        }
+        let forward = self.forward_settings(&accounts[0].state_file)?;
         let settings = Settings {
             listen,
             admin_listen,
             upstream_ca_file,
             extra_roots_pem,
-            accounts: vec![default_account],
+            accounts,
             refresh_margin: parse::duration(
                 "--refresh-margin",
                 self.refresh_margin,
@@ -126,6 +112,73 @@ impl RunOptions {
 }
 
 impl RunOptions {
+    /// Every account: the top-level one (`default`) when the top-level keys
+    /// name a client (or when no other account is declared, so that a
+    /// missing client id is reported), then the `[accounts.NAME]` tables.
+    fn resolve_accounts(
+        &mut self,
+        lookup_env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Vec<AccountSettings>, ConfigError> {
+        let tables = self.accounts.take().unwrap_or_default();
+        let allow_custom_upstream = self.allow_custom_upstream.unwrap_or(false);
+        let top_level = AccountOptions {
+            upstream: self.upstream.take(),
+            token_url: self.token_url.take(),
+            client_id: self.client_id.take(),
+            client_secret_file: parse::utf8_path(
+                "--client-secret-file",
+                self.client_secret_file.take(),
+            )?,
+            refresh_token_file: parse::utf8_path(
+                "--refresh-token-file",
+                self.refresh_token_file.take(),
+            )?,
+            pat_file: parse::utf8_path("--pat-file", self.pat_file.take())?,
+            state_file: parse::utf8_path("--state-file", self.state_file.take())?,
+        };
+        let default_state_file = top_level
+            .state_file
+            .clone()
+            .unwrap_or_else(|| parse::default_state_file(lookup_env));
+        let mut accounts = Vec::with_capacity(tables.len() + 1);
+        if top_level.client_id.is_some() || tables.is_empty() {
+            if tables.contains_key(DEFAULT_ACCOUNT) {
+                return Err(ConfigError::new(
+                    "--config",
+                    "[accounts.default] and the top-level client settings both describe the account default; keep one",
+                ));
+            }
+            accounts.push(top_level.resolve(DEFAULT_ACCOUNT, allow_custom_upstream, lookup_env)?);
+        }
+        for (name, table) in tables {
+            accounts.push(named_account(
+                &name,
+                table,
+                allow_custom_upstream,
+                &default_state_file,
+            )?);
+        }
+        // The default account first: it serves requests that name none.
+        accounts.sort_by_key(|account| account.name != DEFAULT_ACCOUNT);
+        for (index, account) in accounts.iter().enumerate() {
+            if let Some(other) = accounts[..index]
+                .iter()
+                .find(|other| other.state_file == account.state_file)
+            {
+                return Err(ConfigError::new(
+                    "--config",
+                    format!(
+                        "accounts {} and {} share the state file {}; each account needs its own",
+                        other.name,
+                        account.name,
+                        account.state_file.display()
+                    ),
+                ));
+            }
+        }
+        Ok(accounts)
+    }
+
     /// TLS on the listener, client authentication and the request rules.
     fn access(
         &self,
@@ -229,11 +282,10 @@ fn check_door(listen: &std::net::SocketAddr, access: &AccessSettings) -> Result<
     ))
 }
 
-/// The settings of one account as given: today the top-level keys, which
-/// make the account `default`.
+/// The settings of one account as given: the top-level keys (the account
+/// `default`) or an `[accounts.NAME]` table.
 struct AccountOptions {
     upstream: Option<String>,
-    allow_custom_upstream: Option<bool>,
     token_url: Option<String>,
     client_id: Option<String>,
     client_secret_file: Option<PathBuf>,
@@ -246,11 +298,12 @@ impl AccountOptions {
     fn resolve(
         self,
         name: &str,
+        allow_custom_upstream: bool,
         lookup_env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<AccountSettings, ConfigError> {
         let upstream = parse::upstream(
             self.upstream.as_deref().unwrap_or(DEFAULT_UPSTREAM),
-            self.allow_custom_upstream.unwrap_or(false),
+            allow_custom_upstream,
         )?;
         let token_url = parse::token_url(self.token_url.as_deref().unwrap_or(DEFAULT_TOKEN_URL))?;
         let client_id = self
@@ -296,6 +349,53 @@ impl AccountOptions {
                 .unwrap_or_else(|| parse::default_state_file(lookup_env)),
         })
     }
+}
+
+/// An `[accounts.NAME]` table checked into its settings. Its secrets come
+/// from its files only (the environment variables are the default
+/// account's), and its state file defaults to `state-NAME.json` beside the
+/// default one. Errors name the table's key.
+fn named_account(
+    name: &str,
+    table: AccountTable,
+    allow_custom_upstream: bool,
+    default_state_file: &Path,
+) -> Result<AccountSettings, ConfigError> {
+    if !crate::proxy::route::is_account_name(name) {
+        return Err(ConfigError::new(
+            "--config",
+            format!("[accounts.{name}]: an account name is made of a-z, 0-9, _ and - only"),
+        ));
+    }
+    let in_table = |error: ConfigError| {
+        let key = error.setting.trim_start_matches("--").replace('-', "_");
+        // The default account's texts name flags and variables, which do not apply here.
+        let problem = if error.problem.starts_with("required") {
+            "required".to_owned()
+        } else {
+            error.problem
+        };
+        ConfigError::new(
+            "--config",
+            format!("accounts.{name}.{key}: {problem}; set {key} in [accounts.{name}]"),
+        )
+    };
+    let path = |setting, path| parse::utf8_path(setting, path).map_err(in_table);
+    let options = AccountOptions {
+        upstream: table.upstream,
+        token_url: table.token_url,
+        client_id: table.client_id,
+        client_secret_file: path("--client-secret-file", table.client_secret_file)?,
+        refresh_token_file: path("--refresh-token-file", table.refresh_token_file)?,
+        pat_file: path("--pat-file", table.pat_file)?,
+        state_file: Some(
+            path("--state-file", table.state_file)?
+                .unwrap_or_else(|| parse::named_state_file(default_state_file, name)),
+        ),
+    };
+    options
+        .resolve(name, allow_custom_upstream, &|_| None)
+        .map_err(in_table)
 }
 
 fn secret_error(setting: &'static str, error: SecretError) -> ConfigError {

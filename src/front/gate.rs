@@ -47,23 +47,44 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
     out
 }
 
+/// The user name of `Proxy-Authorization: Basic` credentials, which in
+/// forward mode may name the account.
+pub fn basic_user(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(PROXY_AUTHORIZATION)
+        .iter()
+        .find_map(|value| basic_credentials(value.as_bytes()))
+        .and_then(|(user, _)| String::from_utf8(user).ok())
+        .filter(|user| !user.is_empty())
+}
+
 /// The key in one `Proxy-Authorization` value: a `Bearer` token, or the
-/// password of `Basic` credentials (the user name selects nothing here).
+/// password of `Basic` credentials.
 fn presented_key(value: &[u8]) -> Option<Vec<u8>> {
-    let text = std::str::from_utf8(value).ok()?.trim();
-    let (scheme, credentials) = text.split_once(' ')?;
-    let credentials = credentials.trim();
+    let (scheme, credentials) = scheme_and_credentials(value)?;
     if scheme.eq_ignore_ascii_case("bearer") {
         return Some(credentials.as_bytes().to_vec());
     }
-    if scheme.eq_ignore_ascii_case("basic") {
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(credentials)
-            .ok()?;
-        let colon = decoded.iter().position(|b| *b == b':')?;
-        return Some(decoded[colon + 1..].to_vec());
+    basic_credentials(value).map(|(_, key)| key)
+}
+
+/// The user name and password of `Basic` credentials.
+fn basic_credentials(value: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+    let (scheme, credentials) = scheme_and_credentials(value)?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
     }
-    None
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(credentials)
+        .ok()?;
+    let colon = decoded.iter().position(|b| *b == b':')?;
+    Some((decoded[..colon].to_vec(), decoded[colon + 1..].to_vec()))
+}
+
+fn scheme_and_credentials(value: &[u8]) -> Option<(&str, &str)> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    let (scheme, credentials) = text.split_once(' ')?;
+    Some((scheme, credentials.trim()))
 }
 
 #[cfg(test)]
@@ -102,5 +123,15 @@ mod tests {
         }
         assert!(!key.admits(&headers(&[&basic("s3cret:with-colon")])));
         assert!(!format!("{key:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn the_basic_user_name_is_read_for_account_selection() {
+        assert_eq!(
+            basic_user(&headers(&[&basic("sales:k")])).as_deref(),
+            Some("sales")
+        );
+        assert_eq!(basic_user(&headers(&[&basic(":k")])), None);
+        assert_eq!(basic_user(&headers(&["Bearer k"])), None);
     }
 }

@@ -21,7 +21,7 @@ use crate::proxy::body::ProxyBody;
 use crate::proxy::error::ProxyError;
 use crate::proxy::pool::Affinity;
 use crate::proxy::upstream::Upstream;
-use crate::proxy::ProxyService;
+use crate::proxy::{ProxyService, Via};
 use crate::server::{Admission, Handler, Server};
 
 /// Forward mode was asked for without its CA.
@@ -42,6 +42,9 @@ pub struct Tunnel {
     pub peer: SocketAddr,
     /// The client connection's place under the connection cap.
     pub admission: Admission,
+    /// The `CONNECT`'s `Proxy-Authorization: Basic` user name, which may
+    /// name the account of every request in the tunnel.
+    pub proxy_user: Option<String>,
     /// The host the `CONNECT` named (lower case).
     pub host: String,
     /// Its port.
@@ -57,6 +60,7 @@ pub struct Intercepted {
     host: String,
     port: u16,
     upstream: Upstream,
+    proxy_user: Option<String>,
     /// Held while the tunnel is served.
     _admission: Admission,
 }
@@ -95,6 +99,7 @@ impl Interceptor {
                         host: tunnel.host,
                         port: tunnel.port,
                         upstream: tunnel.upstream,
+                        proxy_user: tunnel.proxy_user,
                         _admission: tunnel.admission,
                     };
                     interceptor
@@ -163,11 +168,20 @@ impl Interceptor {
         if let Err(error) = names_tunnel_host(&request, tunnel) {
             tracing::warn!(error = %error, "request refused by the proxy");
             let response = error.into_response();
-            self.proxy.metrics().count_response(response.status());
+            self.proxy
+                .metrics()
+                .count_unrouted_response(response.status());
             return response;
         }
         self.proxy
-            .handle(&tunnel.affinity, request, Some(&tunnel.upstream))
+            .handle(
+                &tunnel.affinity,
+                request,
+                Via::Forward {
+                    upstream: &tunnel.upstream,
+                    proxy_user: tunnel.proxy_user.as_deref(),
+                },
+            )
             .await
     }
 }

@@ -25,7 +25,7 @@ use crate::proxy::body::ProxyBody;
 use crate::proxy::error::ProxyError;
 use crate::proxy::pool::Affinity;
 use crate::proxy::upstream::{Pools, Upstream};
-use crate::proxy::ProxyService;
+use crate::proxy::{ProxyService, Via};
 use crate::server::{Accepting, Admission, Handler, Server};
 
 /// State of one client connection to the main listener.
@@ -88,6 +88,7 @@ impl Forwarder {
             let tunnel = intercept::Tunnel {
                 peer: client.peer,
                 admission: client.admission.clone(),
+                proxy_user: gate::basic_user(request.headers()),
                 host,
                 port,
                 upstream,
@@ -142,7 +143,12 @@ impl Forwarder {
                 (_, None) => 443,
             };
             let upstream = self.host_upstream(&host, port);
-            return Ok(proxy.handle(affinity, request, Some(&upstream)).await);
+            let proxy_user = gate::basic_user(request.headers());
+            let via = Via::Forward {
+                upstream: &upstream,
+                proxy_user: proxy_user.as_deref(),
+            };
+            return Ok(proxy.handle(affinity, request, via).await);
         }
         match self.policy.other_hosts {
             OtherHosts::Deny => Err(ProxyError::HostNotAllowed(shown_host(&host))),
@@ -220,7 +226,9 @@ impl FrontDoor {
             };
             return match forward.connect(request, client).await {
                 Ok(response) => {
-                    self.proxy.metrics().count_response(response.status());
+                    self.proxy
+                        .metrics()
+                        .count_unrouted_response(response.status());
                     response
                 }
                 Err(error) => self.refused(error),
@@ -236,7 +244,11 @@ impl FrontDoor {
                     Err(error) => self.refused(error),
                 }
             }
-            _ => self.proxy.handle(&client.affinity, request, None).await,
+            _ => {
+                self.proxy
+                    .handle(&client.affinity, request, Via::Reverse)
+                    .await
+            }
         }
     }
 
@@ -244,7 +256,9 @@ impl FrontDoor {
     fn refused(&self, error: ProxyError) -> Response<ProxyBody> {
         tracing::warn!(error = %error, "request refused by the proxy");
         let response = error.into_response();
-        self.proxy.metrics().count_response(response.status());
+        self.proxy
+            .metrics()
+            .count_unrouted_response(response.status());
         response
     }
 }

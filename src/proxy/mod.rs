@@ -69,44 +69,51 @@ impl ProxyService {
     }
 
     /// Answers one client request arriving on the connection `affinity` was
-    /// opened for, sending it to `destination` (a forward-mode host) or else
-    /// to its route's upstream; never fails, errors become JSON answers.
+    /// opened for, as it came in (`via`): to its route's upstream, or to the
+    /// host a forward-mode client named. Never fails: errors become JSON
+    /// answers.
     pub async fn handle(
         &self,
         affinity: &Affinity,
         request: Request<Incoming>,
-        destination: Option<&Upstream>,
+        via: Via<'_>,
     ) -> Response<ProxyBody> {
         // HTTP/2 streams of one client run side by side: they cannot share one
         // bound HTTP/1 connection.
         let affinity = (request.version() != Version::HTTP_2).then_some(affinity);
-        let response = match self.forward(affinity, request, destination).await {
-            Ok(response) => response,
+        let (mut parts, body) = request.into_parts();
+        let route = match self.router.route(&mut parts, via.proxy_user()) {
+            Ok(route) => route,
             Err(error) => {
-                tracing::warn!(error = %error, "request failed in the proxy");
-                error.into_response()
+                let response = refused(ProxyError::from(error));
+                self.metrics.count_unrouted_response(response.status());
+                return response;
             }
         };
-        self.metrics.count_response(response.status());
+        let upstream = via.upstream().unwrap_or(&route.upstream);
+        let response = match self.forward(&route, upstream, affinity, parts, body).await {
+            Ok(response) => response,
+            Err(error) => refused(error),
+        };
+        route.metrics.count_response(response.status());
         response
     }
 
     async fn forward(
         &self,
+        route: &Route,
+        upstream: &Upstream,
         affinity: Option<&Affinity>,
-        request: Request<Incoming>,
-        destination: Option<&Upstream>,
+        mut parts: Parts,
+        body: Incoming,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let (mut parts, body) = request.into_parts();
-        let route = self.router.route(&mut parts)?;
         self.rules.check(&parts.method, parts.uri.path())?;
-        let upstream = destination.unwrap_or(&route.upstream);
         let uri = upstream.uri_for(&parts.uri)?;
         let upgrade = upgrade::requested(&mut parts);
         let body = read_up_to(body, route.policy.retry_body_limit)
             .await
             .map_err(|e| ProxyError::BadRequest(format!("reading the request body failed: {e}")))?;
-        let mut bearer = acquire(&route).await?;
+        let mut bearer = acquire(route).await?;
         let (mut body, replay) = match body {
             Held::Whole(bytes) => (ProxyBody::full(bytes.clone()), Some(bytes)),
             Held::TooLarge(stream) => (stream, None),
@@ -118,7 +125,14 @@ impl ProxyService {
             if let Some(upgrade) = &upgrade {
                 upgrade.ask(request.headers_mut());
             }
-            let sent = self.send(upstream, affinity, request, within, upgrade.is_some());
+            let sent = self.send(
+                route,
+                upstream,
+                affinity,
+                request,
+                within,
+                upgrade.is_some(),
+            );
             let refused = match sent.await {
                 Ok(Verdict::Deliver(response)) => {
                     route.tokens.report_accepted(bearer.generation);
@@ -161,7 +175,7 @@ impl ProxyService {
                 return Ok(refused);
             };
             drop(refused);
-            self.metrics.count_auth_retry();
+            route.metrics.count_auth_retry();
             bearer = route
                 .tokens
                 .refreshed_after(bearer.generation, route.policy.token_wait)
@@ -174,6 +188,7 @@ impl ProxyService {
     /// answer by what it says of the token.
     async fn send(
         &self,
+        route: &Route,
         upstream: &Upstream,
         affinity: Option<&Affinity>,
         request: Request<ProxyBody>,
@@ -185,7 +200,7 @@ impl ProxyService {
         } else {
             upstream.send(affinity, request, within).await?
         };
-        self.metrics.observe_upstream(elapsed);
+        route.metrics.observe_upstream(elapsed);
         let (mut parts, body) = response.into_parts();
         let switched = upgrade::switched_to(&parts);
         headers::strip_hop_by_hop(&mut parts.headers);
@@ -217,6 +232,43 @@ impl ProxyService {
             ))),
         }
     }
+}
+
+/// How a request came in, as far as its route and destination go.
+#[derive(Clone, Copy, Debug)]
+pub enum Via<'a> {
+    /// Reverse mode: to the route's upstream.
+    Reverse,
+    /// Forward mode: to the host the client named, by the account the
+    /// proxy credentials' user name may name.
+    Forward {
+        /// The host's upstream.
+        upstream: &'a Upstream,
+        /// The `Proxy-Authorization: Basic` user name, if any.
+        proxy_user: Option<&'a str>,
+    },
+}
+
+impl<'a> Via<'a> {
+    fn upstream(self) -> Option<&'a Upstream> {
+        match self {
+            Via::Reverse => None,
+            Via::Forward { upstream, .. } => Some(upstream),
+        }
+    }
+
+    fn proxy_user(self) -> Option<&'a str> {
+        match self {
+            Via::Reverse => None,
+            Via::Forward { proxy_user, .. } => proxy_user,
+        }
+    }
+}
+
+/// The answer to a request the proxy could not carry out, logged.
+fn refused(error: ProxyError) -> Response<ProxyBody> {
+    tracing::warn!(error = %error, "request failed in the proxy");
+    error.into_response()
 }
 
 /// The route's current token, or the next one within the wait. The fast

@@ -16,6 +16,7 @@ use http::uri::PathAndQuery;
 use http::{HeaderName, Uri};
 
 use super::upstream::Upstream;
+use crate::metrics::AccountMetrics;
 use crate::token::TokenSource;
 
 /// The header that names the account a request is for (stripped before forwarding).
@@ -49,6 +50,8 @@ pub struct Route {
     pub upstream: Upstream,
     /// How its requests are held.
     pub policy: RoutePolicy,
+    /// Its series in the metrics.
+    pub metrics: AccountMetrics,
 }
 
 /// Why a request has no route.
@@ -115,8 +118,14 @@ impl Router {
     }
 
     /// The route for a request, from the account it names (by path prefix
-    /// or header, both removed from `parts` here) or `default`.
-    pub fn route(&self, parts: &mut Parts) -> Result<Arc<Route>, RouteError> {
+    /// or header, both removed from `parts` here), else from `proxy_user`
+    /// (forward mode's `Proxy-Authorization: Basic` user name) when that
+    /// names an account, else `default`.
+    pub fn route(
+        &self,
+        parts: &mut Parts,
+        proxy_user: Option<&str>,
+    ) -> Result<Arc<Route>, RouteError> {
         let from_header = match parts.headers.remove(ACCOUNT_HEADER) {
             Some(value) => Some(
                 value
@@ -132,6 +141,11 @@ impl Router {
             (header, path) => header.or(path),
         };
         let table = self.table.load();
+        let named = named.or_else(|| {
+            proxy_user
+                .filter(|user| table.find(user).is_some())
+                .map(str::to_owned)
+        });
         match named {
             Some(name) => table
                 .find(&name)
@@ -217,16 +231,18 @@ mod tests {
     fn a_table_without_default_requires_a_name_and_unknown_names_are_refused() {
         let router = Router::new(RoutingTable::default());
         assert_eq!(
-            router.route(&mut parts("/x", None)).unwrap_err(),
+            router.route(&mut parts("/x", None), None).unwrap_err(),
             RouteError::AccountRequired
         );
         assert_eq!(
-            router.route(&mut parts("/acct/nope/x", None)).unwrap_err(),
+            router
+                .route(&mut parts("/acct/nope/x", None), None)
+                .unwrap_err(),
             RouteError::UnknownAccount("nope".into())
         );
         assert_eq!(
             router
-                .route(&mut parts("/acct/a/x", Some("b")))
+                .route(&mut parts("/acct/a/x", Some("b")), None)
                 .unwrap_err(),
             RouteError::Conflicting
         );

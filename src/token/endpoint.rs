@@ -111,6 +111,9 @@ impl EndpointError {
         }
     }
 
+    /// Every label [`EndpointError::kind`] gives.
+    pub const KINDS: [&'static str; 4] = ["rejected", "unreachable", "error_status", "bad_answer"];
+
     /// A short label for the refresh metric.
     pub fn kind(&self) -> &'static str {
         match self {

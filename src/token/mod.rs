@@ -197,13 +197,15 @@ impl TokenSource {
         self.current.load_full()
     }
 
-    /// True while a valid token is held: what `/readyz` reports.
+    /// True while a valid token is held that upstream has not refused:
+    /// what `/readyz` reports.
     pub fn is_ready(&self) -> bool {
         self.current
             .load()
             .token
             .as_ref()
             .is_some_and(AccessToken::is_valid)
+            && !self.current_is_reported_stale()
     }
 
     /// The current token if it is valid: the request path's fast path.

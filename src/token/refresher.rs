@@ -16,7 +16,7 @@ use super::grant::TokenGrant;
 use super::{
     AccessToken, Snapshot, TokenSource, TokenState, REFRESH_TOKEN_LIFETIME, REFRESH_TOKEN_WARN_AGE,
 };
-use crate::metrics::Metrics;
+use crate::metrics::AccountMetrics;
 use crate::shutdown::ShutdownSignal;
 use crate::store::{
     Lease, LeaseGrant, PersistedState, SaveError, StateStore, StoreError, Versioned,
@@ -143,7 +143,7 @@ pub struct Refresher {
     /// The version of the stored state this refresher's credential comes from.
     version: u64,
     source: Arc<TokenSource>,
-    metrics: Arc<Metrics>,
+    metrics: AccountMetrics,
     margin: Duration,
     unsaved: Option<PersistedState>,
     save_backoff: Backoff,
@@ -161,7 +161,7 @@ impl Refresher {
         credential: Credential,
         store: Option<(Arc<dyn StateStore>, u64)>,
         source: Arc<TokenSource>,
-        metrics: Arc<Metrics>,
+        metrics: AccountMetrics,
         margin: Duration,
     ) -> Self {
         let (store, version) = match store {
@@ -913,7 +913,7 @@ mod tests {
                 credential,
                 Some((store.clone() as Arc<dyn StateStore>, version)),
                 source.clone(),
-                Arc::new(Metrics::new()),
+                Arc::new(crate::metrics::Metrics::new()).account("default"),
                 Duration::from_secs(300),
             );
             let (stop, signal) = crate::shutdown::channel();

@@ -69,7 +69,9 @@ impl Proxy {
         .await;
     }
 
-    /// The value of one metric line (exact series name with labels).
+    /// The sum of the series named as `series` says: a metric name and,
+    /// optionally, labels in braces that each series must carry (others,
+    /// such as `account`, may be there too). `None` when no series matches.
     pub async fn metric(&self, series: &str) -> Option<f64> {
         let text = reqwest::get(self.admin_url("/metrics"))
             .await
@@ -77,15 +79,41 @@ impl Proxy {
             .text()
             .await
             .ok()?;
-        text.lines()
-            .filter(|line| !line.starts_with('#'))
-            .find_map(|line| {
-                line.strip_prefix(series)?
-                    .strip_prefix(' ')?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
+        sum_of_series(&text, series)
+    }
+}
+
+/// The sum of the values of the series in `text` that match `series` (see
+/// [`Proxy::metric`]).
+pub fn sum_of_series(text: &str, series: &str) -> Option<f64> {
+    let (name, wanted) = split_series(series);
+    let mut sum = None;
+    for line in text.lines().filter(|line| !line.starts_with('#')) {
+        let Some((line_series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (line_name, labels) = split_series(line_series);
+        if line_name == name && wanted.iter().all(|label| labels.contains(label)) {
+            if let Ok(value) = value.trim().parse::<f64>() {
+                *sum.get_or_insert(0.0) += value;
+            }
+        }
+    }
+    sum
+}
+
+/// A series' name and its `key="value"` labels.
+fn split_series(series: &str) -> (&str, Vec<&str>) {
+    match series.split_once('{') {
+        Some((name, labels)) => (
+            name,
+            labels
+                .trim_end_matches('}')
+                .split(',')
+                .filter(|label| !label.is_empty())
+                .collect(),
+        ),
+        None => (series, Vec::new()),
     }
 }
 
