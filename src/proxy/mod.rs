@@ -9,6 +9,7 @@ pub mod error;
 pub mod headers;
 pub mod path;
 pub mod pool;
+pub mod rate;
 pub mod retry;
 pub mod route;
 pub mod upgrade;
