@@ -9,6 +9,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use crate::access::AccessLog;
 use crate::admin::AdminService;
 use crate::config::{AccountSettings, Bootstrap, Settings};
 use crate::front::gate::ClientKey;
@@ -244,7 +245,12 @@ fn front_door(
     } else {
         None
     };
-    Ok(FrontDoor::new(proxy, key, forward))
+    Ok(FrontDoor::new(
+        proxy,
+        key,
+        forward,
+        AccessLog::new(settings.access_log),
+    ))
 }
 
 /// One account's route, and the refresher that keeps its token fresh.

@@ -97,7 +97,7 @@ pub struct Metrics {
 /// path only adds. Cheap to clone.
 #[derive(Clone)]
 pub struct AccountMetrics {
-    account: String,
+    account: Arc<str>,
     by_class: [Counter; 6],
     upstream_latency: Histogram,
     auth_retries: Counter,
@@ -244,7 +244,7 @@ impl Metrics {
             result: "success",
         }));
         AccountMetrics {
-            account: account.to_owned(),
+            account: Arc::from(account),
             by_class: class_counters(&self.requests, account),
             upstream_latency: self.upstream_latency.get_or_create(&label).clone(),
             auth_retries: self.auth_retries.get_or_create(&label).clone(),
@@ -348,7 +348,7 @@ fn class_counters(requests: &Family<AccountClassLabel, Counter>, account: &str) 
 
 impl AccountMetrics {
     /// The account's name.
-    pub fn account(&self) -> &str {
+    pub fn account(&self) -> &Arc<str> {
         &self.account
     }
 
@@ -372,7 +372,7 @@ impl AccountMetrics {
         self.metrics
             .refreshes
             .get_or_create(&AccountResultLabel {
-                account: self.account.clone(),
+                account: self.account.to_string(),
                 result,
             })
             .inc();

@@ -632,3 +632,108 @@ fn a_duration_that_would_overflow_exits_64() {
         assert!(stderr.contains(flag), "{stderr}");
     }
 }
+
+#[tokio::test]
+async fn the_access_log_has_a_line_per_request_and_no_secret_or_query() {
+    let standin = StandIn::start(StandInOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bootstrap = standin.refresh_token();
+    let mut command = run_command(&standin, dir.path(), &bootstrap);
+    command.args(["--log-format", "json"]);
+    let running = Running::spawn(command);
+    let listen = running.logged_json_value("listen").await;
+    let given = client()
+        .get(format!(
+            "http://{listen}/G2M/rest/meetings?email=ann%40example.com"
+        ))
+        .header("x-request-id", "trace-me-42")
+        .bearer_auth("client-own-token-xyz")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(given.status(), 200);
+    assert_eq!(given.headers()["x-request-id"], "trace-me-42");
+    let body = given.text().await.unwrap();
+    let made = client()
+        .post(format!("http://{listen}/upload"))
+        .body("twelve bytes")
+        .send()
+        .await
+        .unwrap();
+    let made_id = made.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(made_id.len(), 16);
+    assert_eq!(made.text().await.unwrap(), "twelve bytes");
+    // The upstream saw the same id.
+    let recorded = standin.recorded_requests();
+    assert_eq!(recorded[0].headers["x-request-id"], "trace-me-42");
+    let lines = || -> Vec<serde_json::Value> {
+        running
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|line| line["target"] == "access")
+            .collect()
+    };
+    wait_for("two access lines", || {
+        std::future::ready(lines().len() >= 2)
+    })
+    .await;
+    let lines = lines();
+    let first = lines
+        .iter()
+        .find(|l| l["request_id"] == "trace-me-42")
+        .expect("the line of the first request");
+    assert_eq!(first["account"], "default");
+    assert_eq!(first["method"], "GET");
+    assert_eq!(first["path"], "/G2M/rest/meetings");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["retried"], false);
+    assert_eq!(first["complete"], true);
+    assert_eq!(first["bytes_out"], body.len());
+    assert!(first["upstream_ms"].as_f64().unwrap() > 0.0, "{first}");
+    let second = lines
+        .iter()
+        .find(|l| l["request_id"] == made_id.as_str())
+        .expect("the line of the second request");
+    assert_eq!(second["method"], "POST");
+    assert_eq!(second["bytes_in"], 12);
+    assert_eq!(second["bytes_out"], 12);
+    running.signal("TERM");
+    let mut running = running;
+    assert!(running.wait_exit().await.success());
+    let log = running.log_text();
+    assert!(
+        !log.contains("ann%40example.com") && !log.contains("email="),
+        "{log}"
+    );
+    let mut secrets = vec![
+        CLIENT_SECRET.to_owned(),
+        "client-own-token-xyz".to_owned(),
+        bootstrap,
+    ];
+    secrets.extend(standin.issued_access_tokens());
+    assert_no_secret(&log, &secrets);
+}
+
+#[tokio::test]
+async fn the_access_log_can_be_turned_off() {
+    let standin = StandIn::start(StandInOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = run_command(&standin, dir.path(), &standin.refresh_token());
+    command.args(["--log-format", "json", "--access-log", "false"]);
+    let running = Running::spawn(command);
+    let listen = running.logged_json_value("listen").await;
+    let response = client()
+        .get(format!("http://{listen}/G2M/rest/meetings"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().contains_key("x-request-id"));
+    running.signal("TERM");
+    let mut running = running;
+    assert!(running.wait_exit().await.success());
+    assert!(!running.log_text().contains("\"target\":\"access\""));
+}

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{client, wait_for, PATIENCE};
+use goto_auth_proxy::access::AccessLog;
 use goto_auth_proxy::config::UpstreamUrl;
 use goto_auth_proxy::front::FrontDoor;
 use goto_auth_proxy::metrics::Metrics;
@@ -117,7 +118,7 @@ async fn serve_router(router: Arc<Router>) -> (SocketAddr, ShutdownTrigger) {
     let addr = listener.local_addr().unwrap();
     let metrics = Arc::new(Metrics::new());
     let proxy = Arc::new(ProxyService::new(router, metrics.clone(), Arc::default()));
-    let front = Arc::new(FrontDoor::new(proxy, None, None));
+    let front = Arc::new(FrontDoor::new(proxy, None, None, AccessLog::new(true)));
     let (trigger, signal) = shutdown::channel();
     tokio::spawn(serve(
         listener,
@@ -238,7 +239,7 @@ async fn a_stream_that_is_not_a_socket_is_served_through_the_same_path() {
         Arc::new(Metrics::new()),
         Arc::default(),
     ));
-    let front = Arc::new(FrontDoor::new(proxy, None, None));
+    let front = Arc::new(FrontDoor::new(proxy, None, None, AccessLog::new(true)));
     let server = Server::new("in-memory", server_options());
     let (near, far) = tokio::io::duplex(64 * 1024);
     let peer = "127.0.0.1:1".parse().unwrap();

@@ -199,6 +199,8 @@ pub struct Settings {
     pub max_connections: usize,
     /// Log output format.
     pub log_format: LogFormat,
+    /// Whether each request gets an access log line.
+    pub access_log: bool,
     /// Who may use the main listener, and what they may ask.
     #[serde(flatten)]
     pub access: AccessSettings,

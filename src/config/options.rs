@@ -144,6 +144,10 @@ layered_options! {
         /// Client connections served at once; more are closed at once [default: 1024]
         #[arg(long, env = "GOTO_PROXY_MAX_CONNECTIONS", value_name = "N")]
         pub max_connections: Option<String>,
+        /// One log line per request (target `access`); false turns it off [default: true]
+        #[arg(long, env = "GOTO_PROXY_ACCESS_LOG", value_name = "BOOL", num_args = 0..=1,
+              default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+        pub access_log: Option<bool>,
         /// Log format: text or json [default: text]
         #[arg(long, env = "GOTO_PROXY_LOG_FORMAT", value_name = "FORMAT")]
         pub log_format: Option<String>,

@@ -97,6 +97,7 @@ impl RunOptions {
                 DEFAULT_MAX_CONNECTIONS,
             )?,
             log_format: parse::log_format(self.log_format.as_deref())?,
+            access_log: self.access_log.unwrap_or(true),
             access,
             forward,
             connect_to: Arc::new(connect_to),

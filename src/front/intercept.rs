@@ -15,6 +15,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::LazyConfigAcceptor;
 
+use crate::access::AccessLog;
 use crate::ca::CertificateAuthority;
 use crate::metrics::{ConnectOutcome, Metrics};
 use crate::proxy::body::ProxyBody;
@@ -34,6 +35,7 @@ pub struct Interceptor {
     proxy: Arc<ProxyService>,
     ca: Arc<CertificateAuthority>,
     server: Arc<Server>,
+    access: AccessLog,
 }
 
 /// A `CONNECT` to an inject host, about to be intercepted.
@@ -67,13 +69,20 @@ pub struct Intercepted {
 
 impl Interceptor {
     /// Intercepts for `proxy` with certificates from `ca`, serving the
-    /// tunnels on `server` (so the drain covers them).
+    /// tunnels on `server` (so the drain covers them) and logging their
+    /// requests to `access`.
     pub fn new(
         proxy: Arc<ProxyService>,
         ca: Arc<CertificateAuthority>,
         server: Arc<Server>,
+        access: AccessLog,
     ) -> Self {
-        Self { proxy, ca, server }
+        Self {
+            proxy,
+            ca,
+            server,
+            access,
+        }
     }
 
     /// The metrics intercepted requests are counted in.
@@ -225,11 +234,13 @@ impl Handler for Interceptor {
         connection.affinity.drive()
     }
 
-    fn handle(
+    async fn handle(
         &self,
         connection: &Intercepted,
-        request: Request<Incoming>,
-    ) -> impl std::future::Future<Output = Response<ProxyBody>> + Send {
-        self.answer(connection, request)
+        mut request: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        let pending = self.access.start(&mut request);
+        let response = self.answer(connection, request).await;
+        self.access.finish(pending, response)
     }
 }

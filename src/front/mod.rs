@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 
 use self::gate::ClientKey;
 use self::intercept::Interceptor;
+use crate::access::AccessLog;
 use crate::config::{ForwardSettings, OtherHosts, Settings, UpstreamUrl};
 use crate::metrics::ConnectOutcome;
 use crate::outbound::ConnectTo;
@@ -59,9 +60,10 @@ impl Forwarder {
     ) -> Result<Self, intercept::NoAuthority> {
         let policy = settings.forward.clone();
         let ca = policy.ca.clone().ok_or(intercept::NoAuthority)?;
+        let access = AccessLog::new(settings.access_log);
         Ok(Self {
             policy,
-            interceptor: Arc::new(Interceptor::new(proxy, ca, server)),
+            interceptor: Arc::new(Interceptor::new(proxy, ca, server, access)),
             pools,
             connect_to: settings.connect_to.clone(),
             connect_timeout: settings.connect_timeout,
@@ -192,20 +194,23 @@ pub struct FrontDoor {
     proxy: Arc<ProxyService>,
     key: Option<ClientKey>,
     forward: Option<Forwarder>,
+    access: AccessLog,
 }
 
 impl FrontDoor {
     /// A front door to `proxy`, demanding `key` when given, serving forward
-    /// mode when `forward` is given.
+    /// mode when `forward` is given, logging requests to `access`.
     pub fn new(
         proxy: Arc<ProxyService>,
         key: Option<ClientKey>,
         forward: Option<Forwarder>,
+        access: AccessLog,
     ) -> Self {
         Self {
             proxy,
             key,
             forward,
+            access,
         }
     }
 
@@ -292,12 +297,14 @@ impl Handler for FrontDoor {
         connection.affinity.drive()
     }
 
-    fn handle(
+    async fn handle(
         &self,
         connection: &Client,
-        request: Request<Incoming>,
-    ) -> impl std::future::Future<Output = Response<ProxyBody>> + Send {
-        self.answer(connection, request)
+        mut request: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        let pending = self.access.start(&mut request);
+        let response = self.answer(connection, request).await;
+        self.access.finish(pending, response)
     }
 }
 

@@ -26,6 +26,8 @@ pub enum ProxyBody {
     },
     /// Chunks fed by a task as they are made (the stand-in's slow answers).
     Channel(tokio::sync::mpsc::Receiver<Bytes>),
+    /// A response body on its way to the client, counted for the access log.
+    Logged(Box<crate::access::Logged>),
 }
 
 impl ProxyBody {
@@ -59,6 +61,19 @@ impl Body for ProxyBody {
             ProxyBody::Channel(receiver) => receiver
                 .poll_recv(cx)
                 .map(|chunk| chunk.map(|c| Ok(Frame::data(c)))),
+            ProxyBody::Logged(logged) => {
+                let polled = Pin::new(&mut logged.body).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(data) = frame.data_ref() {
+                            logged.sent(data.len());
+                        }
+                    }
+                    Poll::Ready(None) => logged.ended(),
+                    _ => {}
+                }
+                polled
+            }
         }
     }
 
@@ -69,6 +84,7 @@ impl Body for ProxyBody {
             ProxyBody::Stream(incoming) => incoming.is_end_stream(),
             ProxyBody::Prefixed { prefix, rest } => prefix.is_empty() && rest.is_end_stream(),
             ProxyBody::Channel(_) => false,
+            ProxyBody::Logged(logged) => logged.body.is_end_stream(),
         }
     }
 
@@ -90,6 +106,7 @@ impl Body for ProxyBody {
                 hint
             }
             ProxyBody::Channel(_) => SizeHint::new(),
+            ProxyBody::Logged(logged) => logged.body.size_hint(),
         }
     }
 }

@@ -30,6 +30,7 @@ use self::pool::Affinity;
 use self::retry::{AttemptError, Cause, RetryPolicy};
 use self::route::{Route, Router};
 use self::upstream::Upstream;
+use crate::access::Note;
 use crate::metrics::Metrics;
 use crate::token::Bearer;
 
@@ -92,11 +93,17 @@ impl ProxyService {
             }
         };
         let upstream = via.upstream().unwrap_or(&route.upstream);
-        let response = match self.forward(&route, upstream, affinity, parts, body).await {
+        let mut note = Note {
+            account: Some(route.metrics.account().clone()),
+            ..Note::default()
+        };
+        let forwarded = self.forward(&route, upstream, affinity, parts, body, &mut note);
+        let mut response = match forwarded.await {
             Ok(response) => response,
             Err(error) => refused(error),
         };
         route.metrics.count_response(response.status());
+        response.extensions_mut().insert(note);
         response
     }
 
@@ -107,6 +114,7 @@ impl ProxyService {
         affinity: Option<&Affinity>,
         mut parts: Parts,
         body: Incoming,
+        note: &mut Note,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         self.rules.check(&parts.method, parts.uri.path())?;
         let uri = upstream.uri_for(&parts.uri)?;
@@ -116,23 +124,28 @@ impl ProxyService {
             .map_err(|e| ProxyError::BadRequest(format!("reading the request body failed: {e}")))?;
         let mut bearer = acquire(route).await?;
         let (mut body, replay) = match body {
-            Held::Whole(bytes) => (ProxyBody::full(bytes.clone()), Some(bytes)),
+            Held::Whole(bytes) => {
+                note.bytes_in = Some(bytes.len() as u64);
+                (ProxyBody::full(bytes.clone()), Some(bytes))
+            }
             Held::TooLarge(stream) => (stream, None),
         };
         let mut retry = RetryPolicy::new(route.policy.upstream_timeout);
         loop {
             let within = retry.next_send()?;
+            note.retried = retry.sends() > 1;
             let mut request = upstream_request(&parts, uri.clone(), &bearer, body);
             if let Some(upgrade) = &upgrade {
                 upgrade.ask(request.headers_mut());
             }
-            let sent = self.send(
+            let sent = send(
                 route,
                 upstream,
                 affinity,
                 request,
                 within,
                 upgrade.is_some(),
+                note,
             );
             let refused = match sent.await {
                 Ok(Verdict::Deliver(response)) => {
@@ -184,54 +197,55 @@ impl ProxyService {
             body = ProxyBody::full(bytes.clone());
         }
     }
+}
 
-    /// Sends once (an upgrade over a connection of its own) and sorts the
-    /// answer by what it says of the token.
-    async fn send(
-        &self,
-        route: &Route,
-        upstream: &Upstream,
-        affinity: Option<&Affinity>,
-        request: Request<ProxyBody>,
-        within: Duration,
-        upgrade: bool,
-    ) -> Result<Verdict, AttemptError> {
-        let (response, elapsed) = if upgrade {
-            upstream.send_upgrade(request, within).await?
-        } else {
-            upstream.send(affinity, request, within).await?
-        };
-        route.metrics.observe_upstream(elapsed);
-        let (mut parts, body) = response.into_parts();
-        let switched = upgrade::switched_to(&parts);
-        headers::strip_hop_by_hop(&mut parts.headers);
-        if let Some(protocol) = switched {
-            upgrade::announce(&mut parts.headers, protocol);
+/// Sends once (an upgrade over a connection of its own) and sorts the
+/// answer by what it says of the token.
+async fn send(
+    route: &Route,
+    upstream: &Upstream,
+    affinity: Option<&Affinity>,
+    request: Request<ProxyBody>,
+    within: Duration,
+    upgrade: bool,
+    note: &mut Note,
+) -> Result<Verdict, AttemptError> {
+    let (response, elapsed) = if upgrade {
+        upstream.send_upgrade(request, within).await?
+    } else {
+        upstream.send(affinity, request, within).await?
+    };
+    route.metrics.observe_upstream(elapsed);
+    note.upstream += elapsed;
+    let (mut parts, body) = response.into_parts();
+    let switched = upgrade::switched_to(&parts);
+    headers::strip_hop_by_hop(&mut parts.headers);
+    if let Some(protocol) = switched {
+        upgrade::announce(&mut parts.headers, protocol);
+    }
+    match parts.status {
+        StatusCode::UNAUTHORIZED => Ok(Verdict::TokenRefused(Response::from_parts(
+            parts,
+            ProxyBody::Stream(body),
+        ))),
+        StatusCode::FORBIDDEN => {
+            let held = read_up_to(body, FORBIDDEN_PEEK_LIMIT)
+                .await
+                .map_err(|e| AttemptError::Fatal(ProxyError::UpstreamFailed(error::chain(&e))))?;
+            Ok(match held {
+                Held::Whole(bytes) if says_invalid_token(&bytes) => {
+                    Verdict::TokenRefused(Response::from_parts(parts, ProxyBody::full(bytes)))
+                }
+                Held::Whole(bytes) => {
+                    Verdict::Deliver(Response::from_parts(parts, ProxyBody::full(bytes)))
+                }
+                Held::TooLarge(body) => Verdict::Deliver(Response::from_parts(parts, body)),
+            })
         }
-        match parts.status {
-            StatusCode::UNAUTHORIZED => Ok(Verdict::TokenRefused(Response::from_parts(
-                parts,
-                ProxyBody::Stream(body),
-            ))),
-            StatusCode::FORBIDDEN => {
-                let held = read_up_to(body, FORBIDDEN_PEEK_LIMIT).await.map_err(|e| {
-                    AttemptError::Fatal(ProxyError::UpstreamFailed(error::chain(&e)))
-                })?;
-                Ok(match held {
-                    Held::Whole(bytes) if says_invalid_token(&bytes) => {
-                        Verdict::TokenRefused(Response::from_parts(parts, ProxyBody::full(bytes)))
-                    }
-                    Held::Whole(bytes) => {
-                        Verdict::Deliver(Response::from_parts(parts, ProxyBody::full(bytes)))
-                    }
-                    Held::TooLarge(body) => Verdict::Deliver(Response::from_parts(parts, body)),
-                })
-            }
-            _ => Ok(Verdict::Deliver(Response::from_parts(
-                parts,
-                ProxyBody::Stream(body),
-            ))),
-        }
+        _ => Ok(Verdict::Deliver(Response::from_parts(
+            parts,
+            ProxyBody::Stream(body),
+        ))),
     }
 }
 

@@ -67,6 +67,11 @@ impl RetryPolicy {
         }
     }
 
+    /// How many sends have begun.
+    pub fn sends(&self) -> u32 {
+        self.sends
+    }
+
     /// Counts a send and says how long it may take: the time left before
     /// the deadline, or the timeout error once it has passed.
     pub fn next_send(&mut self) -> Result<Duration, ProxyError> {

@@ -74,6 +74,21 @@ impl Running {
         found.unwrap()
     }
 
+    /// The string field `key` of the first JSON log line that has it
+    /// (`--log-format json`).
+    pub async fn logged_json_value(&self, key: &str) -> String {
+        let mut found = None;
+        wait_for(&format!("{key} in the JSON log"), || {
+            found = self.log.lock().unwrap().iter().find_map(|line| {
+                let line: serde_json::Value = serde_json::from_str(line).ok()?;
+                line.get(key)?.as_str().map(str::to_owned)
+            });
+            std::future::ready(found.is_some())
+        })
+        .await;
+        found.unwrap()
+    }
+
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .arg(format!("-{name}"))

@@ -1,0 +1,215 @@
+//! The access log: one structured line per request, written when its
+//! response has been sent (or abandoned). Each request has an id: the
+//! client's `X-Request-Id` when it sends a usable one, else one made here;
+//! it goes upstream and back to the client. The line never holds a token,
+//! a header value or the query (which may carry personal data).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderName, HeaderValue, Method, Request, Response};
+use http_body::Body as _;
+use hyper::body::Incoming;
+
+use crate::proxy::body::ProxyBody;
+
+/// The header that carries the request id.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// The longest client-given request id kept; a longer one is replaced.
+const MAX_REQUEST_ID: usize = 128;
+/// The `tracing` target of access lines, to filter them (`RUST_LOG=access=off`).
+pub const TARGET: &str = "access";
+
+/// What the request path learnt of a request, for its access line; put in
+/// the response's extensions by the proxy.
+#[derive(Clone, Debug, Default)]
+pub struct Note {
+    /// The account that served it.
+    pub account: Option<Arc<str>>,
+    /// Time spent waiting for upstream's response headers, every send included.
+    pub upstream: Duration,
+    /// Whether it was sent more than once.
+    pub retried: bool,
+    /// How long rate shaping held it back.
+    pub rate_delayed: Duration,
+    /// Its body's size, when the proxy read it whole.
+    pub bytes_in: Option<u64>,
+}
+
+/// Whether requests are logged.
+#[derive(Clone, Copy, Debug)]
+pub struct AccessLog {
+    enabled: bool,
+}
+
+/// A request on its way, as its access line will tell it.
+pub struct Pending {
+    request_id: HeaderValue,
+    method: Method,
+    path: String,
+    declared_length: Option<u64>,
+    started: Instant,
+}
+
+impl AccessLog {
+    /// An access log that writes lines when `enabled`.
+    pub fn new(enabled: bool) -> Self {
+        Self { enabled }
+    }
+
+    /// Gives `request` its id (the client's, or a new one, in its
+    /// `X-Request-Id`) and notes what the line will need.
+    pub fn start(&self, request: &mut Request<Incoming>) -> Pending {
+        let request_id = match request.headers().get(REQUEST_ID) {
+            Some(given) if usable_id(given) => given.clone(),
+            _ => {
+                let made = new_id();
+                request.headers_mut().insert(REQUEST_ID, made.clone());
+                made
+            }
+        };
+        let path = if request.method() == Method::CONNECT {
+            request
+                .uri()
+                .authority()
+                .map(|a| a.as_str().to_owned())
+                .unwrap_or_default()
+        } else {
+            request.uri().path().to_owned()
+        };
+        let declared_length = request
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        Pending {
+            request_id,
+            method: request.method().clone(),
+            path,
+            declared_length,
+            started: Instant::now(),
+        }
+    }
+
+    /// Returns the request id to the client, and arranges for the line to
+    /// be written once the response body has been sent or dropped.
+    pub fn finish(
+        &self,
+        pending: Pending,
+        mut response: Response<ProxyBody>,
+    ) -> Response<ProxyBody> {
+        response
+            .headers_mut()
+            .insert(REQUEST_ID, pending.request_id.clone());
+        if !self.enabled {
+            return response;
+        }
+        let note = response
+            .extensions_mut()
+            .remove::<Note>()
+            .unwrap_or_default();
+        let line = Line {
+            status: response.status().as_u16(),
+            pending,
+            note,
+            bytes_out: 0,
+            complete: false,
+        };
+        response.map(|body| ProxyBody::Logged(Box::new(Logged { body, line })))
+    }
+}
+
+/// A response body that counts what it sends and writes the access line
+/// when it is done with.
+#[derive(Debug)]
+pub struct Logged {
+    /// The body itself.
+    pub body: ProxyBody,
+    line: Line,
+}
+
+impl Logged {
+    /// Counts `bytes` more sent.
+    pub fn sent(&mut self, bytes: usize) {
+        self.line.bytes_out += bytes as u64;
+    }
+
+    /// Marks the body as sent to the end.
+    pub fn ended(&mut self) {
+        self.line.complete = true;
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        // hyper does not poll a body that says it has ended (an empty one).
+        if self.body.is_end_stream() {
+            self.line.complete = true;
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Line {
+    status: u16,
+    pending: Pending,
+    note: Note,
+    bytes_out: u64,
+    complete: bool,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("method", &self.method)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Line {
+    fn drop(&mut self) {
+        let millis = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+        let bytes_in = self.note.bytes_in.or(self.pending.declared_length);
+        tracing::info!(
+            target: TARGET,
+            request_id = self.pending.request_id.to_str().unwrap_or_default(),
+            account = self.note.account.as_deref().unwrap_or_default(),
+            method = %self.pending.method,
+            path = %self.pending.path,
+            status = self.status,
+            duration_ms = millis(self.pending.started.elapsed()),
+            upstream_ms = millis(self.note.upstream),
+            retried = self.note.retried,
+            rate_delayed_ms = millis(self.note.rate_delayed),
+            bytes_in,
+            bytes_out = self.bytes_out,
+            complete = self.complete,
+            "request"
+        );
+    }
+}
+
+/// Whether a client-given request id can be passed on and logged as it is.
+fn usable_id(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    !bytes.is_empty() && bytes.len() <= MAX_REQUEST_ID && bytes.iter().all(|b| b.is_ascii_graphic())
+}
+
+/// A new request id: 16 random hex digits.
+fn new_id() -> HeaderValue {
+    HeaderValue::from_str(&format!("{:016x}", fastrand::u64(..))).expect("hex is a header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_short_ids_are_kept() {
+        assert!(usable_id(&HeaderValue::from_static("abc-123_x.y")));
+        assert!(!usable_id(&HeaderValue::from_static("")));
+        assert!(!usable_id(&HeaderValue::from_static("has space")));
+        let long = "x".repeat(MAX_REQUEST_ID + 1);
+        assert!(!usable_id(&HeaderValue::from_str(&long).unwrap()));
+        assert_eq!(new_id().len(), 16);
+    }
+}
