@@ -18,10 +18,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use futures_util::FutureExt;
 use goto_auth_proxy::app::{self, Listeners};
 use goto_auth_proxy::config::{RunOptions, UpstreamUrl, DEFAULT_UPSTREAM};
 use goto_auth_proxy::metrics::Metrics;
 use goto_auth_proxy::proxy::body::ProxyBody;
+use goto_auth_proxy::proxy::rate::{api_of, RateSettings, RateShaper};
 use goto_auth_proxy::proxy::route::{Route, RoutePolicy, Router, RoutingTable};
 use goto_auth_proxy::proxy::upstream::{ConnectOptions, Pools, Upstream};
 use goto_auth_proxy::proxy::upstream_request;
@@ -49,8 +51,9 @@ fn snapshot(generation: u64) -> Snapshot {
     }
 }
 
-/// A router with the one route today's settings make, to the default upstream.
-fn router(tokens: Arc<TokenSource>) -> Router {
+/// A router with the one route today's settings make, to the default
+/// upstream, shaped as `rate` says.
+fn router(tokens: Arc<TokenSource>, rate: RateSettings) -> Router {
     let url = UpstreamUrl::parse(DEFAULT_UPSTREAM, false).expect("default upstream");
     let pools = Pools::new(
         &ConnectOptions {
@@ -71,6 +74,7 @@ fn router(tokens: Arc<TokenSource>) -> Router {
             upstream_timeout: Duration::from_secs(60),
         },
         metrics: Arc::new(Metrics::new()).account("default"),
+        shaper: Arc::new(RateShaper::new(rate)),
     }]))
 }
 
@@ -92,7 +96,18 @@ fn client_request() -> http::request::Parts {
 fn request_path(c: &mut Criterion) {
     let source = Arc::new(TokenSource::new());
     source.publish(snapshot(1));
-    let router = router(source.clone());
+    let router = router(source.clone(), RateSettings::off());
+    // A limit no benchmark reaches: every request takes the shaper's path
+    // and none waits.
+    let shaped = self::router(
+        source.clone(),
+        RateSettings {
+            per_second: u32::MAX,
+            burst: u32::MAX,
+            queue: 100,
+            max_wait: Duration::from_secs(5),
+        },
+    );
     let parts = client_request();
     c.bench_function("token_load", |b| {
         b.iter(|| black_box(source.current().unwrap()))
@@ -102,6 +117,20 @@ fn request_path(c: &mut Criterion) {
             || parts.clone(),
             |parts| {
                 let route = router.route(parts, None).unwrap();
+                let bearer = route.tokens.current().unwrap().unwrap();
+                let uri = route.upstream.uri_for(&parts.uri).unwrap();
+                black_box(upstream_request(parts, uri, &bearer, ProxyBody::Empty))
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    c.bench_function("request_path_shaped", |b| {
+        b.iter_batched_ref(
+            || parts.clone(),
+            |parts| {
+                let route = shaped.route(parts, None).unwrap();
+                let admitted = route.shaper.admit(api_of(parts.uri.path()));
+                black_box(admitted.now_or_never().expect("no wait").unwrap());
                 let bearer = route.tokens.current().unwrap().unwrap();
                 let uri = route.upstream.uri_for(&parts.uri).unwrap();
                 black_box(upstream_request(parts, uri, &bearer, ProxyBody::Empty))

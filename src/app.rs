@@ -16,6 +16,7 @@ use crate::front::gate::ClientKey;
 use crate::front::intercept::NoAuthority;
 use crate::front::{Forwarder, FrontDoor};
 use crate::metrics::Metrics;
+use crate::proxy::rate::RateShaper;
 use crate::proxy::route::{Route, RoutePolicy, Router, RoutingTable};
 use crate::proxy::upstream::{ConnectOptions, Pools, Upstream};
 use crate::proxy::ProxyService;
@@ -286,6 +287,7 @@ async fn start_account(
             upstream_timeout: settings.upstream_timeout,
         },
         metrics: account_metrics,
+        shaper: Arc::new(RateShaper::new(settings.rate.for_account(account))),
     };
     Ok((route, refresher))
 }

@@ -86,6 +86,10 @@ pub struct Metrics {
     expires_in: Family<AccountLabel, Gauge<f64, AtomicU64>>,
     refresh_token_age: Family<AccountLabel, Gauge<f64, AtomicU64>>,
     ready: Family<AccountLabel, Gauge>,
+    rate_queued: Family<AccountLabel, Counter>,
+    rate_shed: Family<AccountLabel, Counter>,
+    rate_wait: HistogramFamily,
+    throttled: Family<AccountLabel, Counter>,
     upstream_connections: Counter,
     connections_refused: Family<ListenerLabel, Counter>,
     forward_connects: Family<OutcomeLabel, Counter>,
@@ -102,6 +106,10 @@ pub struct AccountMetrics {
     upstream_latency: Histogram,
     auth_retries: Counter,
     state_write_failures: Counter,
+    rate_queued: Counter,
+    rate_shed: Counter,
+    rate_wait: Histogram,
+    throttled: Counter,
     metrics: Arc<Metrics>,
 }
 
@@ -216,6 +224,30 @@ impl Metrics {
             "1 while the account holds a valid access token, else 0",
             ready.clone(),
         );
+        let rate_queued = Family::<AccountLabel, Counter>::default();
+        registry.register(
+            "goto_proxy_rate_queued",
+            "Requests that waited for their turn under rate shaping",
+            rate_queued.clone(),
+        );
+        let rate_shed = Family::<AccountLabel, Counter>::default();
+        registry.register(
+            "goto_proxy_rate_shed",
+            "Requests answered 429 by rate shaping (turn too late, or queue full)",
+            rate_shed.clone(),
+        );
+        let rate_wait = HistogramFamily::new_with_constructor(latency_histogram);
+        registry.register(
+            "goto_proxy_rate_wait_seconds",
+            "How long admitted requests waited for their turn",
+            rate_wait.clone(),
+        );
+        let throttled = Family::<AccountLabel, Counter>::default();
+        registry.register(
+            "goto_proxy_upstream_throttled",
+            "429 answers from upstream, each pausing its bucket",
+            throttled.clone(),
+        );
         let unrouted = class_counters(&requests, NO_ACCOUNT);
         Self {
             registry,
@@ -227,6 +259,10 @@ impl Metrics {
             expires_in,
             refresh_token_age,
             ready,
+            rate_queued,
+            rate_shed,
+            rate_wait,
+            throttled,
             upstream_connections,
             connections_refused,
             forward_connects,
@@ -249,6 +285,10 @@ impl Metrics {
             upstream_latency: self.upstream_latency.get_or_create(&label).clone(),
             auth_retries: self.auth_retries.get_or_create(&label).clone(),
             state_write_failures: self.state_write_failures.get_or_create(&label).clone(),
+            rate_queued: self.rate_queued.get_or_create(&label).clone(),
+            rate_shed: self.rate_shed.get_or_create(&label).clone(),
+            rate_wait: self.rate_wait.get_or_create(&label).clone(),
+            throttled: self.throttled.get_or_create(&label).clone(),
             metrics: self.clone(),
         }
     }
@@ -270,6 +310,10 @@ impl Metrics {
         self.expires_in.remove(&label);
         self.refresh_token_age.remove(&label);
         self.ready.remove(&label);
+        self.rate_queued.remove(&label);
+        self.rate_shed.remove(&label);
+        self.rate_wait.remove(&label);
+        self.throttled.remove(&label);
         let results = crate::token::endpoint::EndpointError::KINDS;
         for result in results.into_iter().chain(["success"]) {
             self.refreshes.remove(&AccountResultLabel {
@@ -381,6 +425,24 @@ impl AccountMetrics {
     /// Counts a failed state write.
     pub fn count_state_write_failure(&self) {
         self.state_write_failures.inc();
+    }
+
+    /// Records a request admitted by rate shaping after `waited`.
+    pub fn observe_rate_wait(&self, waited: Duration) {
+        if !waited.is_zero() {
+            self.rate_queued.inc();
+            self.rate_wait.observe(waited.as_secs_f64());
+        }
+    }
+
+    /// Counts a request shed by rate shaping.
+    pub fn count_rate_shed(&self) {
+        self.rate_shed.inc();
+    }
+
+    /// Counts a 429 from upstream.
+    pub fn count_throttled(&self) {
+        self.throttled.inc();
     }
 
     /// The registry these handles belong to.

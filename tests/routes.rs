@@ -14,6 +14,7 @@ use goto_auth_proxy::access::AccessLog;
 use goto_auth_proxy::config::UpstreamUrl;
 use goto_auth_proxy::front::FrontDoor;
 use goto_auth_proxy::metrics::Metrics;
+use goto_auth_proxy::proxy::rate::{RateSettings, RateShaper};
 use goto_auth_proxy::proxy::route::{Route, RoutePolicy, Router, RoutingTable};
 use goto_auth_proxy::proxy::upstream::{ConnectOptions, Pools, Upstream};
 use goto_auth_proxy::proxy::ProxyService;
@@ -88,6 +89,7 @@ fn route(name: &str, account: &Account, pools: &Pools) -> Route {
             upstream_timeout: Duration::from_secs(30),
         },
         metrics: Arc::new(Metrics::new()).account(name),
+        shaper: Arc::new(RateShaper::new(RateSettings::off())),
     }
 }
 

@@ -201,6 +201,9 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Whether each request gets an access log line.
     pub access_log: bool,
+    /// Rate shaping.
+    #[serde(flatten)]
+    pub rate: RateOptions,
     /// Who may use the main listener, and what they may ask.
     #[serde(flatten)]
     pub access: AccessSettings,
@@ -236,6 +239,63 @@ pub struct AccessSettings {
     /// Which requests may carry the token.
     #[serde(serialize_with = "display")]
     pub allow_requests: Arc<RequestRules>,
+}
+
+/// Rate shaping, per account and API.
+#[derive(Clone, Debug, Serialize)]
+pub struct RateOptions {
+    /// Requests per second; `None`: by the account's upstream.
+    #[serde(rename = "rate_limit", serialize_with = "rate_limit")]
+    pub limit: Option<u32>,
+    /// Requests let through at once; `None`: the limit.
+    #[serde(rename = "rate_burst", serialize_with = "rate_burst")]
+    pub burst: Option<u32>,
+    /// Requests waiting per bucket.
+    #[serde(rename = "rate_queue")]
+    pub queue: usize,
+    /// The longest wait for a turn.
+    #[serde(rename = "rate_wait", serialize_with = "duration")]
+    pub wait: Duration,
+}
+
+/// GoTo's documented default limit, per API.
+pub const GOTO_RATE_LIMIT: u32 = 10;
+/// Requests waiting per bucket.
+pub const DEFAULT_RATE_QUEUE: usize = 100;
+/// The longest wait for a turn.
+pub const DEFAULT_RATE_WAIT: Duration = Duration::from_secs(5);
+
+impl RateOptions {
+    /// The shaping of `account`'s requests: the limit as set, else GoTo's
+    /// for a GoTo API upstream and none for any other (a stand-in, a
+    /// benchmark target).
+    pub fn for_account(&self, account: &AccountSettings) -> crate::proxy::rate::RateSettings {
+        let host = account.upstream.authority.host();
+        let goto = GOTO_API_HOSTS.iter().any(|h| host.eq_ignore_ascii_case(h));
+        let per_second = self.limit.unwrap_or(if goto { GOTO_RATE_LIMIT } else { 0 });
+        crate::proxy::rate::RateSettings {
+            per_second,
+            burst: self.burst.unwrap_or(per_second),
+            queue: self.queue,
+            max_wait: self.wait,
+        }
+    }
+}
+
+fn rate_limit<S: Serializer>(value: &Option<u32>, s: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(limit) => s.serialize_u32(*limit),
+        None => s.collect_str(&format_args!(
+            "{GOTO_RATE_LIMIT} for a GoTo API upstream, else 0"
+        )),
+    }
+}
+
+fn rate_burst<S: Serializer>(value: &Option<u32>, s: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(burst) => s.serialize_u32(*burst),
+        None => s.serialize_str("the rate limit"),
+    }
 }
 
 /// What forward mode does with a host that is not an inject host.

@@ -144,6 +144,19 @@ layered_options! {
         /// Client connections served at once; more are closed at once [default: 1024]
         #[arg(long, env = "GOTO_PROXY_MAX_CONNECTIONS", value_name = "N")]
         pub max_connections: Option<String>,
+        /// Requests per second per account and API; 0 turns shaping off
+        /// [default: 10 for a GoTo API upstream, else 0]
+        #[arg(long, env = "GOTO_RATE_LIMIT", value_name = "N")]
+        pub rate_limit: Option<String>,
+        /// Requests a bucket lets through at once [default: the rate limit]
+        #[arg(long, env = "GOTO_RATE_BURST", value_name = "N")]
+        pub rate_burst: Option<String>,
+        /// Requests waiting per bucket; more get 429 at once [default: 100]
+        #[arg(long, env = "GOTO_RATE_QUEUE", value_name = "N")]
+        pub rate_queue: Option<String>,
+        /// The longest a request waits for its turn; later turns get 429 at once [default: 5s]
+        #[arg(long, env = "GOTO_RATE_WAIT", value_name = "DURATION")]
+        pub rate_wait: Option<String>,
         /// One log line per request (target `access`); false turns it off [default: true]
         #[arg(long, env = "GOTO_PROXY_ACCESS_LOG", value_name = "BOOL", num_args = 0..=1,
               default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]

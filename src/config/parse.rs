@@ -130,6 +130,18 @@ pub(super) fn ca_file(path: &Path) -> Result<Vec<u8>, ConfigError> {
     Ok(pem)
 }
 
+/// A whole number of requests (per second, or at once), 0 allowed.
+pub(super) fn rate(setting: &'static str, value: &str) -> Result<u32, ConfigError> {
+    value.trim().parse().map_err(|_| {
+        ConfigError::new(
+            setting,
+            format!(
+                "{value:?} is not a whole number of requests, such as 10 (0 turns shaping off)"
+            ),
+        )
+    })
+}
+
 /// The state file of the account `name` declared without one: `state-NAME.json`
 /// in the directory of the default account's state file.
 pub fn named_state_file(default_state_file: &Path, name: &str) -> PathBuf {

@@ -98,6 +98,20 @@ impl RunOptions {
             )?,
             log_format: parse::log_format(self.log_format.as_deref())?,
             access_log: self.access_log.unwrap_or(true),
+            rate: RateOptions {
+                limit: self
+                    .rate_limit
+                    .as_deref()
+                    .map(|v| parse::rate("--rate-limit", v))
+                    .transpose()?,
+                burst: self
+                    .rate_burst
+                    .as_deref()
+                    .map(|v| parse::rate("--rate-burst", v))
+                    .transpose()?,
+                queue: parse::count("--rate-queue", self.rate_queue.take(), DEFAULT_RATE_QUEUE)?,
+                wait: parse::duration("--rate-wait", self.rate_wait.take(), DEFAULT_RATE_WAIT)?,
+            },
             access,
             forward,
             connect_to: Arc::new(connect_to),

@@ -42,6 +42,10 @@ pub enum ProxyError {
     /// The CONNECT authority, the TLS SNI and the `Host` do not name one host.
     #[error("{0}")]
     Misdirected(String),
+    /// Rate shaping: the request's turn would come too late, or its
+    /// bucket's queue is full; try again after this long.
+    #[error("too many requests for this account and API; try again in {} s", .0.as_secs())]
+    RateLimited(std::time::Duration),
     /// `--client-key-file` is set and the request carries no matching key.
     #[error(
         "this proxy needs its client key: send Proxy-Authorization: Bearer <key>, \
@@ -78,6 +82,7 @@ impl ProxyError {
             }
             ProxyError::HostNotAllowed(_) => (StatusCode::FORBIDDEN, "host_not_allowed"),
             ProxyError::Misdirected(_) => (StatusCode::MISDIRECTED_REQUEST, "misdirected_request"),
+            ProxyError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ProxyError::ProxyAuthRequired => (
                 StatusCode::PROXY_AUTHENTICATION_REQUIRED,
                 "proxy_auth_required",
@@ -88,7 +93,15 @@ impl ProxyError {
     /// The answer the client gets.
     pub fn into_response(self) -> Response<ProxyBody> {
         let (status, code) = self.status_and_code();
-        json_response(status, code, &self.to_string())
+        let mut response = json_response(status, code, &self.to_string());
+        if let ProxyError::RateLimited(after) = self {
+            // Whole seconds, at least one (RFC 9110 §10.2.3).
+            let seconds = after.as_secs().max(1);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
     }
 }
 

@@ -74,6 +74,21 @@ fn end_to_end(client: &HeaderMap, also_dropped: impl Fn(&HeaderName) -> bool) ->
     headers
 }
 
+/// `Retry-After` (RFC 9110 §10.2.3) as delay-seconds or an HTTP date; a
+/// date in the past is no delay.
+pub fn retry_after(headers: &HeaderMap) -> Option<std::time::Duration> {
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    match value.parse::<u64>() {
+        Ok(seconds) => Some(std::time::Duration::from_secs(seconds)),
+        Err(_) => Some(
+            httpdate::parse_http_date(value)
+                .ok()?
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default(),
+        ),
+    }
+}
+
 /// Whether the `Connection` header names `name` as hop-by-hop (RFC 9110 §7.6.1).
 fn listed_in_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
     name != header::CONNECTION

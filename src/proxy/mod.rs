@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 
 use self::allow::RequestRules;
@@ -52,6 +52,8 @@ enum Verdict {
     Deliver(Response<ProxyBody>),
     /// Upstream refused the token; the response goes to the client if no retry is possible.
     TokenRefused(Response<ProxyBody>),
+    /// GoTo throttled the request (429), asking for this pause if it said.
+    Throttled(Response<ProxyBody>, Option<Duration>),
 }
 
 impl ProxyService {
@@ -118,6 +120,7 @@ impl ProxyService {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         self.rules.check(&parts.method, parts.uri.path())?;
         let uri = upstream.uri_for(&parts.uri)?;
+        admit(route, rate::api_of(parts.uri.path()), note).await?;
         let upgrade = upgrade::requested(&mut parts);
         let body = read_up_to(body, route.policy.retry_body_limit)
             .await
@@ -150,12 +153,35 @@ impl ProxyService {
             let refused = match sent.await {
                 Ok(Verdict::Deliver(response)) => {
                     route.tokens.report_accepted(bearer.generation);
+                    if !route.shaper.is_off() {
+                        route.shaper.succeeded(rate::api_of(parts.uri.path()));
+                    }
                     return Ok(match upgrade {
                         Some(upgrade) => upgrade.join(response),
                         None => response,
                     });
                 }
                 Ok(Verdict::TokenRefused(response)) => response,
+                Ok(Verdict::Throttled(response, pause)) => {
+                    let api = rate::api_of(parts.uri.path());
+                    route.metrics.count_throttled();
+                    route.shaper.throttled(api, pause);
+                    let bytes = replay
+                        .as_ref()
+                        .filter(|_| resent_after_throttling(&parts.method))
+                        .filter(|_| retry.allows(Cause::Throttled, true));
+                    let Some(bytes) = bytes else {
+                        return Ok(response);
+                    };
+                    drop(response);
+                    tracing::debug!(
+                        api,
+                        "upstream throttled the request; sending it again after the pause"
+                    );
+                    admit(route, api, note).await?;
+                    body = ProxyBody::full(bytes.clone());
+                    continue;
+                }
                 Err(AttemptError::NotSent(back)) if retry.allows(Cause::NotSent, true) => {
                     body = back.into_body();
                     continue;
@@ -224,6 +250,13 @@ async fn send(
         upgrade::announce(&mut parts.headers, protocol);
     }
     match parts.status {
+        StatusCode::TOO_MANY_REQUESTS => {
+            let pause = headers::retry_after(&parts.headers);
+            Ok(Verdict::Throttled(
+                Response::from_parts(parts, ProxyBody::Stream(body)),
+                pause,
+            ))
+        }
         StatusCode::UNAUTHORIZED => Ok(Verdict::TokenRefused(Response::from_parts(
             parts,
             ProxyBody::Stream(body),
@@ -284,6 +317,38 @@ impl<'a> Via<'a> {
 fn refused(error: ProxyError) -> Response<ProxyBody> {
     tracing::warn!(error = %error, "request failed in the proxy");
     error.into_response()
+}
+
+/// Waits for the request's turn in its account's bucket for `api`; a turn
+/// too far off (or a full queue) is the 429 it gets.
+async fn admit(route: &Route, api: &str, note: &mut Note) -> Result<(), ProxyError> {
+    if route.shaper.is_off() {
+        return Ok(());
+    }
+    match route.shaper.admit(api).await {
+        Ok(admitted) => {
+            route.metrics.observe_rate_wait(admitted.waited);
+            note.rate_delayed += admitted.waited;
+            Ok(())
+        }
+        Err(shed) => {
+            route.metrics.count_rate_shed();
+            Err(ProxyError::RateLimited(shed.retry_after))
+        }
+    }
+}
+
+/// Whether a request GoTo throttled is sent again after the pause: the
+/// methods that do the same however often they are sent (RFC 9110 §9.2.2).
+fn resent_after_throttling(method: &Method) -> bool {
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::PUT,
+        Method::DELETE,
+        Method::OPTIONS,
+    ]
+    .contains(method)
 }
 
 /// The route's current token, or the next one within the wait. The fast

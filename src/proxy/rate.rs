@@ -68,6 +68,18 @@ pub struct RateSettings {
     pub max_wait: Duration,
 }
 
+impl RateSettings {
+    /// No shaping at all.
+    pub fn off() -> Self {
+        Self {
+            per_second: 0,
+            burst: 0,
+            queue: 0,
+            max_wait: Duration::ZERO,
+        }
+    }
+}
+
 /// A request admitted by [`RateShaper::admit`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Admitted {

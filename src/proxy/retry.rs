@@ -1,14 +1,16 @@
 //! The one retry policy of the request path.
 //!
-//! A request may be sent again for three reasons: the connection closed
+//! A request may be sent again for four reasons: the connection closed
 //! before it took the request (the request is given back untouched), the
 //! upstream refused it unprocessed (an HTTP/2 GOAWAY or REFUSED_STREAM, or a
 //! reused connection that closed before any answer to an idempotent
-//! request), or the upstream refused the token (401, or GoToWebinar's 403
-//! `InvalidToken`). Whatever the reasons, one request is sent at most
-//! [`MAX_SENDS`] times, the token is refreshed for it at most once, and
-//! everything (every send, every wait for a connection) ends at one
-//! deadline, `--upstream-timeout` after the first send.
+//! request), the upstream refused the token (401, or GoToWebinar's 403
+//! `InvalidToken`), or GoTo throttled it (429, an idempotent method only,
+//! after the bucket's pause). Whatever the reasons, one request is sent at
+//! most [`MAX_SENDS`] times, the token is refreshed for it at most once,
+//! it is resent after a 429 at most once, and everything (every send,
+//! every wait for a connection) ends at one deadline, `--upstream-timeout`
+//! after the first send.
 
 use std::time::Duration;
 
@@ -44,6 +46,8 @@ pub enum Cause {
     Unprocessed,
     /// The upstream refused the token.
     TokenRefused,
+    /// GoTo answered 429 to an idempotent request.
+    Throttled,
 }
 
 /// One request's retry budget and deadline.
@@ -51,6 +55,7 @@ pub enum Cause {
 pub struct RetryPolicy {
     sends: u32,
     token_retried: bool,
+    throttle_retried: bool,
     deadline: Instant,
     timeout: Duration,
 }
@@ -62,6 +67,7 @@ impl RetryPolicy {
         Self {
             sends: 0,
             token_retried: false,
+            throttle_retried: false,
             deadline: Instant::now() + timeout,
             timeout,
         }
@@ -103,6 +109,11 @@ impl RetryPolicy {
                 self.token_retried = true;
                 true
             }
+            Cause::Throttled if self.throttle_retried || !replayable => false,
+            Cause::Throttled => {
+                self.throttle_retried = true;
+                true
+            }
         }
     }
 }
@@ -122,6 +133,17 @@ mod tests {
         for cause in [Cause::NotSent, Cause::Unprocessed, Cause::TokenRefused] {
             assert!(!policy.allows(cause, true), "{cause:?} after three sends");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttled_request_is_resent_once_and_only_with_the_body() {
+        let mut policy = RetryPolicy::new(Duration::from_secs(60));
+        policy.next_send().unwrap();
+        assert!(!policy.allows(Cause::Throttled, false));
+        assert!(policy.allows(Cause::Throttled, true));
+        policy.next_send().unwrap();
+        assert!(!policy.allows(Cause::Throttled, true));
+        assert!(policy.allows(Cause::TokenRefused, true));
     }
 
     #[tokio::test(start_paused = true)]

@@ -15,6 +15,7 @@ use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{HeaderName, Uri};
 
+use super::rate::RateShaper;
 use super::upstream::Upstream;
 use crate::metrics::AccountMetrics;
 use crate::token::TokenSource;
@@ -52,6 +53,8 @@ pub struct Route {
     pub policy: RoutePolicy,
     /// Its series in the metrics.
     pub metrics: AccountMetrics,
+    /// Its rate shaping, per API.
+    pub shaper: Arc<RateShaper>,
 }
 
 /// Why a request has no route.

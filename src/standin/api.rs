@@ -13,6 +13,9 @@ use crate::proxy::body::ProxyBody;
 
 pub(super) async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<ProxyBody> {
     record(shared, &request);
+    if let Some(response) = throttled(shared) {
+        return response;
+    }
     let path = request.uri().path().to_owned();
     // A slow answer, whose token is judged when it is given (as by a gateway).
     if let Some(millis) = path
@@ -88,7 +91,25 @@ fn record(shared: &Shared, request: &Request<Incoming>) {
             .map(|p| p.to_string())
             .unwrap_or_default(),
         headers: request.headers().clone(),
+        received_at: Instant::now(),
     });
+}
+
+/// A 429 if the API was told to throttle this request.
+fn throttled(shared: &Shared) -> Option<Response<ProxyBody>> {
+    let mut state = lock(shared);
+    let (left, retry_after) = state.throttle.as_mut()?;
+    if *left == 0 {
+        return None;
+    }
+    *left -= 1;
+    let mut response = json(429, &serde_json::json!({"error": "too_many_requests"}));
+    if let Some(seconds) = retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, http::HeaderValue::from(*seconds));
+    }
+    Some(response)
 }
 
 /// The number of the access token in `Authorization`, if it is valid now.

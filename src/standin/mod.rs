@@ -59,6 +59,8 @@ pub struct RecordedRequest {
     pub path_and_query: String,
     /// Every header, as received.
     pub headers: HeaderMap,
+    /// When it arrived.
+    pub received_at: Instant,
 }
 
 /// How the token endpoint shapes its grants.
@@ -106,6 +108,8 @@ struct State {
     issued: HashMap<String, IssuedToken>,
     refreshes: u64,
     refuse_all: bool,
+    /// The next API requests answered 429, and the `Retry-After` they carry.
+    throttle: Option<(u32, Option<u64>)>,
     token_request_times: Vec<Instant>,
     codes: HashMap<String, PendingCode>,
     recorded: VecDeque<RecordedRequest>,
@@ -195,6 +199,7 @@ impl StandIn {
                 issued: HashMap::new(),
                 refreshes: 0,
                 refuse_all: false,
+                throttle: None,
                 token_request_times: Vec::new(),
                 codes: HashMap::new(),
                 recorded: VecDeque::new(),
@@ -314,6 +319,12 @@ impl StandIn {
     /// Makes the API refuse every token, even fresh ones, until set back.
     pub fn set_refuse_all(&self, refuse: bool) {
         self.state().refuse_all = refuse;
+    }
+
+    /// Makes the API answer its next `count` requests 429, with
+    /// `Retry-After: retry_after_secs` when given, as GoTo does beyond its limit.
+    pub fn throttle_next(&self, count: u32, retry_after_secs: Option<u64>) {
+        self.state().throttle = Some((count, retry_after_secs));
     }
 
     /// Makes the current refresh token invalid (refreshes then get `invalid_grant`).

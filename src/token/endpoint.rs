@@ -283,21 +283,9 @@ fn oauth_error_code(body: &[u8]) -> Option<String> {
     is_code.then_some(parsed.error)
 }
 
-/// `Retry-After` as delay-seconds or an HTTP date, capped.
+/// `Retry-After`, capped.
 fn parse_retry_after(headers: &http::HeaderMap) -> Option<Duration> {
-    let value = headers
-        .get(http::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim();
-    let delay = match value.parse::<u64>() {
-        Ok(seconds) => Duration::from_secs(seconds),
-        Err(_) => httpdate::parse_http_date(value)
-            .ok()?
-            .duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    };
-    Some(delay.min(MAX_RETRY_AFTER))
+    crate::proxy::headers::retry_after(headers).map(|delay| delay.min(MAX_RETRY_AFTER))
 }
 
 /// A transport error's chain as text. reqwest includes the URL, which holds
