@@ -11,6 +11,10 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::access::AccessLog;
 use crate::admin::AdminService;
+use std::collections::BTreeMap;
+
+use arc_swap::ArcSwap;
+
 use crate::config::{AccountSettings, Bootstrap, Settings};
 use crate::front::gate::ClientKey;
 use crate::front::intercept::NoAuthority;
@@ -20,12 +24,15 @@ use crate::proxy::rate::RateShaper;
 use crate::proxy::route::{Route, RoutePolicy, Router, RoutingTable};
 use crate::proxy::upstream::{ConnectOptions, Pools, Upstream};
 use crate::proxy::ProxyService;
+use crate::reload::{Cause, Reload, Watched};
 use crate::server::{serve, Server, ServerOptions};
 use crate::shutdown::ShutdownSignal;
+use crate::shutdown::ShutdownTrigger;
 use crate::store::{StateStore, StoreError};
 use crate::supervisor::{Exit, Health, Supervisor};
 use crate::tls::TlsError;
 use crate::token::endpoint::unix_now;
+use crate::token::endpoint::SharedEndpoint;
 use crate::token::refresher::{Credential, Refresher};
 use crate::token::TokenSource;
 
@@ -132,7 +139,37 @@ pub async fn initial_credential(
 pub async fn run(
     settings: Settings,
     listeners: Listeners,
+    shutdown: ShutdownSignal,
+) -> Result<(), StartError> {
+    run_with_reload(settings, listeners, shutdown, None).await
+}
+
+/// An account being served: its settings, its route, and what a reload
+/// may change under its refresher, which keeps running.
+struct RunningAccount {
+    settings: AccountSettings,
+    route: Arc<Route>,
+    endpoint: SharedEndpoint,
+    stop: ShutdownTrigger,
+}
+
+/// The parts a reload works on.
+struct Serving {
+    settings: Settings,
+    accounts: BTreeMap<String, RunningAccount>,
+    router: Arc<Router>,
+    proxy: Arc<ProxyService>,
+    front: Arc<FrontDoor>,
+    pools: Arc<Pools>,
+    metrics: Arc<Metrics>,
+}
+
+/// [`run`], reloading from `reload` on its triggers when given.
+pub async fn run_with_reload(
+    settings: Settings,
+    listeners: Listeners,
     mut shutdown: ShutdownSignal,
+    reload: Option<Reload>,
 ) -> Result<(), StartError> {
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new());
@@ -145,24 +182,21 @@ pub async fn run(
         metrics.clone(),
     )?);
     let mut supervisor = Supervisor::new(health.clone());
-    // The refreshers outlive the drain: a request in flight may still need a refresh.
-    let (stop_refreshers, refreshers_signal) = crate::shutdown::channel();
-    let mut routes = Vec::with_capacity(settings.accounts.len());
+    let mut accounts = BTreeMap::new();
     for account in &settings.accounts {
-        let (route, refresher) = start_account(&settings, account, &pools, &metrics).await?;
-        supervisor.spawn(
-            format!("refresher of account {}", account.name),
-            refresher.run(refreshers_signal.clone()),
+        let started = start_account(&settings, account, &pools, &metrics).await?;
+        accounts.insert(
+            account.name.clone(),
+            spawn_refresher(&mut supervisor, started),
         );
-        routes.push(route);
     }
-    let router = Arc::new(Router::new(RoutingTable::new(routes)));
+    let router = Arc::new(Router::new(table_of(&accounts)));
     let proxy = Arc::new(ProxyService::new(
         router.clone(),
         metrics.clone(),
         settings.access.allow_requests.clone(),
     ));
-    let admin = Arc::new(AdminService::new(router, metrics.clone(), health));
+    let admin = Arc::new(AdminService::new(router.clone(), metrics.clone(), health));
     let server_options = ServerOptions {
         header_read_timeout: settings.header_read_timeout,
         max_header_bytes: settings.max_header_bytes,
@@ -170,7 +204,12 @@ pub async fn run(
         max_connections: settings.max_connections,
     };
     let proxy_server = Arc::new(Server::new("proxy", server_options.clone()));
-    let front = Arc::new(front_door(&settings, proxy, &proxy_server, pools)?);
+    let front = Arc::new(front_door(
+        &settings,
+        proxy.clone(),
+        &proxy_server,
+        pools.clone(),
+    )?);
     log_start(&settings, &listeners);
     let (stop_serving, serving_signal) = crate::shutdown::channel();
     supervisor.spawn(
@@ -193,27 +232,60 @@ pub async fn run(
     let serving = serve(
         listeners.proxy,
         proxy_server,
-        front,
+        front.clone(),
         settings.access.listener_tls.clone().map(TlsAcceptor::from),
-        metrics,
+        metrics.clone(),
         serving_signal,
     );
+    let watched: Watched = Arc::new(ArcSwap::from_pointee(watched_files(
+        &settings,
+        reload.as_ref(),
+    )));
+    let mut triggers = reload
+        .as_ref()
+        .map(|reload| crate::reload::triggers(watched.clone(), reload.on_sighup));
+    let mut state = Serving {
+        settings,
+        accounts,
+        router,
+        proxy,
+        front,
+        pools,
+        metrics,
+    };
     let mut serving = std::pin::pin!(serving);
     let mut drained = false;
-    let failure = tokio::select! {
-        () = shutdown.wait() => None,
-        exit = supervisor.failure() => Some(exit),
-        // The listener stops only when told to; should it ever end, stop too.
-        () = &mut serving => {
-            drained = true;
-            None
+    let failure = loop {
+        let next_reload = async {
+            match triggers.as_mut() {
+                Some(triggers) => triggers.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = shutdown.wait() => break None,
+            exit = supervisor.failure() => break Some(exit),
+            // The listener stops only when told to; should it ever end, stop too.
+            () = &mut serving => {
+                drained = true;
+                break None;
+            }
+            Some(cause) = next_reload => {
+                if let Some(reload) = &reload {
+                    state.reload(reload, cause, &mut supervisor).await;
+                    watched.store(Arc::new(watched_files(&state.settings, Some(reload))));
+                }
+            }
         }
     };
     stop_serving.trigger();
     if !drained {
         serving.await;
     }
-    stop_refreshers.trigger();
+    // The refreshers outlive the drain: a request in flight may still need a refresh.
+    for running in state.accounts.values() {
+        running.stop.trigger();
+    }
     supervisor.join_all().await;
     match failure {
         None => {
@@ -221,6 +293,174 @@ pub async fn run(
             Ok(())
         }
         Some(exit) => Err(StartError::TaskFailed(exit)),
+    }
+}
+
+/// The configuration file and every secret file of `settings`.
+fn watched_files(settings: &Settings, reload: Option<&Reload>) -> Vec<std::path::PathBuf> {
+    let mut files = settings.secret_files();
+    if let Some(config) = reload.and_then(|r| r.config_file.clone()) {
+        files.push(config);
+    }
+    files
+}
+
+fn table_of(accounts: &BTreeMap<String, RunningAccount>) -> RoutingTable {
+    RoutingTable::from_routes(accounts.values().map(|running| running.route.clone()))
+}
+
+fn refresher_task(account: &str) -> String {
+    format!("refresher of account {account}")
+}
+
+/// Runs the started account's refresher under `supervisor`.
+fn spawn_refresher(supervisor: &mut Supervisor, started: Started) -> RunningAccount {
+    let Started {
+        running,
+        refresher,
+        stop,
+    } = started;
+    supervisor.spawn(refresher_task(&running.settings.name), refresher.run(stop));
+    running
+}
+
+impl Serving {
+    /// Reads the configuration and secrets again and applies what changed;
+    /// a configuration that does not hold keeps the old one serving.
+    async fn reload(&mut self, reload: &Reload, cause: Cause, supervisor: &mut Supervisor) {
+        let new = match (reload.source)() {
+            Ok(new) => new,
+            Err(error) => {
+                tracing::error!(%cause, setting = error.setting, error = %error, "the new configuration is not valid; the old one keeps serving");
+                self.metrics.count_reload(false);
+                return;
+            }
+        };
+        match self.apply(new, supervisor).await {
+            Ok(()) => {
+                tracing::info!(%cause, accounts = self.accounts.len(), "configuration reloaded");
+                self.metrics.count_reload(true);
+            }
+            Err(error) => {
+                tracing::error!(%cause, error = %error, "the new configuration cannot be applied; the old one keeps serving");
+                self.metrics.count_reload(false);
+            }
+        }
+    }
+
+    async fn apply(
+        &mut self,
+        new: Settings,
+        supervisor: &mut Supervisor,
+    ) -> Result<(), StartError> {
+        warn_of_restart_settings(&self.settings, &new);
+        // New accounts are made ready first: should one fail, nothing has changed.
+        let mut started = Vec::new();
+        for account in new
+            .accounts
+            .iter()
+            .filter(|a| !self.accounts.contains_key(&a.name))
+        {
+            started.push(start_account(&new, account, &self.pools, &self.metrics).await?);
+        }
+        let mut next = BTreeMap::new();
+        for account in &new.accounts {
+            if let Some(mut running) = self.accounts.remove(&account.name) {
+                running.update(&new, account, &self.pools)?;
+                next.insert(account.name.clone(), running);
+            }
+        }
+        for started in started {
+            let name = started.running.settings.name.clone();
+            tracing::info!(account = %name, "account added; waiting for its first access token");
+            next.insert(name, spawn_refresher(supervisor, started));
+        }
+        for (name, running) in std::mem::take(&mut self.accounts) {
+            tracing::info!(account = %name, "account removed; its requests in flight finish");
+            supervisor.retire(&refresher_task(&name));
+            running.stop.trigger();
+            self.metrics.forget(&name);
+        }
+        self.accounts = next;
+        self.router.swap(table_of(&self.accounts));
+        self.proxy.set_rules(new.access.allow_requests.clone());
+        self.front.set_key(
+            new.access
+                .client_key
+                .as_ref()
+                .map(|key| ClientKey::new(&key.value)),
+        );
+        self.settings = new;
+        Ok(())
+    }
+}
+
+impl RunningAccount {
+    /// Takes `account`'s new settings: a changed client or token URL is
+    /// used from the next token request on (the refresher keeps running,
+    /// and with it the refresh token it holds); the route is rebuilt.
+    fn update(
+        &mut self,
+        settings: &Settings,
+        account: &AccountSettings,
+        pools: &Pools,
+    ) -> Result<(), StartError> {
+        use secrecy::ExposeSecret;
+        let old = &self.settings;
+        if old.state_file != account.state_file {
+            tracing::warn!(account = %account.name, "state_file changed: it takes effect after a restart");
+        }
+        let client_changed = old.token_url != account.token_url
+            || old.client.id != account.client.id
+            || old.client.secret.expose_secret() != account.client.secret.expose_secret();
+        if client_changed {
+            self.endpoint.replace(account.token_endpoint(settings)?);
+            tracing::info!(account = %account.name, "the OAuth client or token URL changed; used from the next token request");
+        }
+        let rate = settings.rate.for_account(account);
+        let shaper = if rate == self.route.shaper.settings() {
+            self.route.shaper.clone()
+        } else {
+            Arc::new(RateShaper::new(rate))
+        };
+        self.route = Arc::new(Route {
+            account: account.name.clone(),
+            tokens: self.route.tokens.clone(),
+            upstream: Upstream::new(account.upstream.clone(), pools),
+            policy: route_policy(settings),
+            metrics: self.route.metrics.clone(),
+            shaper,
+        });
+        let state_file = self.settings.state_file.clone();
+        self.settings = AccountSettings {
+            state_file,
+            ..account.clone()
+        };
+        Ok(())
+    }
+}
+
+/// Logs the settings a reload cannot change under a running listener.
+fn warn_of_restart_settings(old: &Settings, new: &Settings) {
+    let changed = [
+        ("listen", old.listen != new.listen),
+        ("admin_listen", old.admin_listen != new.admin_listen),
+        (
+            "tls_cert_file/tls_key_file/client_ca_file",
+            old.access.tls_cert_file != new.access.tls_cert_file
+                || old.access.tls_key_file != new.access.tls_key_file
+                || old.access.client_ca_file != new.access.client_ca_file,
+        ),
+        (
+            "forward mode",
+            old.forward.forward != new.forward.forward
+                || old.forward.inject_hosts != new.forward.inject_hosts
+                || old.forward.other_hosts != new.forward.other_hosts,
+        ),
+        ("connect_to", old.connect_to != new.connect_to),
+    ];
+    for (setting, _) in changed.iter().filter(|(_, changed)| *changed) {
+        tracing::warn!(setting, "changed: it takes effect after a restart");
     }
 }
 
@@ -254,13 +494,21 @@ fn front_door(
     ))
 }
 
+/// What starting an account makes: the account, ready to serve once its
+/// refresher runs, and that refresher with its stop signal.
+struct Started {
+    running: RunningAccount,
+    refresher: Refresher,
+    stop: ShutdownSignal,
+}
+
 /// One account's route, and the refresher that keeps its token fresh.
 async fn start_account(
     settings: &Settings,
     account: &AccountSettings,
     pools: &Pools,
     metrics: &Arc<Metrics>,
-) -> Result<(Route, Refresher), StartError> {
+) -> Result<Started, StartError> {
     let store = crate::store::open(&account.state_file);
     let (credential, version) = initial_credential(account, store.as_ref()).await?;
     let persist = match credential {
@@ -269,8 +517,9 @@ async fn start_account(
     };
     let tokens = Arc::new(TokenSource::new());
     let account_metrics = metrics.account(&account.name);
+    let endpoint = SharedEndpoint::new(account.token_endpoint(settings)?);
     let refresher = Refresher::new(
-        account.token_endpoint(settings)?,
+        endpoint.clone(),
         credential,
         persist,
         tokens.clone(),
@@ -281,15 +530,30 @@ async fn start_account(
         account: account.name.clone(),
         tokens,
         upstream: Upstream::new(account.upstream.clone(), pools),
-        policy: RoutePolicy {
-            token_wait: settings.token_wait,
-            retry_body_limit: settings.retry_body_limit,
-            upstream_timeout: settings.upstream_timeout,
-        },
+        policy: route_policy(settings),
         metrics: account_metrics,
         shaper: Arc::new(RateShaper::new(settings.rate.for_account(account))),
     };
-    Ok((route, refresher))
+    let (trigger, stop) = crate::shutdown::channel();
+    Ok(Started {
+        running: RunningAccount {
+            settings: account.clone(),
+            route: Arc::new(route),
+            endpoint,
+            stop: trigger,
+        },
+        refresher,
+        stop,
+    })
+}
+
+/// How every route's requests are held, from `settings`.
+fn route_policy(settings: &Settings) -> RoutePolicy {
+    RoutePolicy {
+        token_wait: settings.token_wait,
+        retry_body_limit: settings.retry_body_limit,
+        upstream_timeout: settings.upstream_timeout,
+    }
 }
 
 fn log_start(settings: &Settings, listeners: &Listeners) {

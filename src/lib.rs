@@ -20,6 +20,7 @@ pub mod login;
 pub mod metrics;
 pub mod outbound;
 pub mod proxy;
+pub mod reload;
 pub mod secret;
 pub mod server;
 pub mod shutdown;

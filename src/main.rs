@@ -12,6 +12,7 @@ use goto_auth_proxy::cli::{
 use goto_auth_proxy::config::{ConfigError, LogFormat, RunOptions, Settings};
 use goto_auth_proxy::demo::DemoOptions;
 use goto_auth_proxy::login::LoginOptions;
+use goto_auth_proxy::reload::Reload;
 use goto_auth_proxy::status::Verdict;
 use goto_auth_proxy::{ca, shutdown, telemetry};
 
@@ -199,7 +200,20 @@ fn run(args: RunArgs) -> ExitCode {
             }
         };
         let signal = shutdown::from_future(shutdown::os_signal());
-        match app::run(settings, listeners, signal).await {
+        let (options, config_file) = (args.options.clone(), args.config.clone());
+        let watched_config = config_file.clone();
+        let reload = Reload {
+            // The flags and environment as at start, over the file read again.
+            source: Box::new(move || {
+                options
+                    .clone()
+                    .layered_over_file(config_file.as_deref())?
+                    .resolve(&|name| std::env::var(name).ok())
+            }),
+            config_file: watched_config,
+            on_sighup: true,
+        };
+        match app::run_with_reload(settings, listeners, signal, Some(reload)).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 tracing::error!(error = %error, "cannot start");

@@ -31,6 +31,11 @@ struct AccountResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ListenerLabel {
     listener: &'static str,
 }
@@ -93,6 +98,7 @@ pub struct Metrics {
     upstream_connections: Counter,
     connections_refused: Family<ListenerLabel, Counter>,
     forward_connects: Family<OutcomeLabel, Counter>,
+    reloads: Family<ResultLabel, Counter>,
     /// The unrouted answers' counters, resolved once.
     unrouted: [Counter; 6],
 }
@@ -248,6 +254,15 @@ impl Metrics {
             "429 answers from upstream, each pausing its bucket",
             throttled.clone(),
         );
+        let reloads = Family::<ResultLabel, Counter>::default();
+        for result in ["ok", "error"] {
+            drop(reloads.get_or_create(&ResultLabel { result }));
+        }
+        registry.register(
+            "goto_proxy_config_reloads",
+            "Reloads of the configuration and secrets, by signal or by watch, by result",
+            reloads.clone(),
+        );
         let unrouted = class_counters(&requests, NO_ACCOUNT);
         Self {
             registry,
@@ -266,6 +281,7 @@ impl Metrics {
             upstream_connections,
             connections_refused,
             forward_connects,
+            reloads,
             unrouted,
         }
     }
@@ -330,6 +346,12 @@ impl Metrics {
                 outcome: outcome.label(),
             })
             .inc();
+    }
+
+    /// Counts a reload by whether the new configuration was taken.
+    pub fn count_reload(&self, taken: bool) {
+        let result = if taken { "ok" } else { "error" };
+        self.reloads.get_or_create(&ResultLabel { result }).inc();
     }
 
     /// Counts an answer no account gave (no route, the front door's refusals).

@@ -58,6 +58,8 @@ impl std::fmt::Display for Exit {
 pub struct Supervisor {
     tasks: JoinSet<()>,
     names: Vec<(tokio::task::Id, String)>,
+    /// Tasks told to stop (an account removed by a reload): their end is no failure.
+    retiring: Vec<String>,
     health: Arc<Health>,
 }
 
@@ -67,6 +69,7 @@ impl Supervisor {
         Self {
             tasks: JoinSet::new(),
             names: Vec::new(),
+            retiring: Vec::new(),
             health,
         }
     }
@@ -84,16 +87,25 @@ impl Supervisor {
     /// Waits for the next task to end, before shutdown was asked for: logs
     /// it and marks the process failed. Pending forever while none ends.
     pub async fn failure(&mut self) -> Exit {
-        let exit = match self.tasks.join_next_with_id().await {
-            Some(Ok((id, ()))) => Exit {
-                task: self.name_of(id),
-                panicked: false,
-            },
-            Some(Err(error)) => Exit {
-                task: self.name_of(error.id()),
-                panicked: error.is_panic(),
-            },
-            None => return std::future::pending().await,
+        let exit = loop {
+            let exit = match self.tasks.join_next_with_id().await {
+                Some(Ok((id, ()))) => Exit {
+                    task: self.name_of(id),
+                    panicked: false,
+                },
+                Some(Err(error)) => Exit {
+                    task: self.name_of(error.id()),
+                    panicked: error.is_panic(),
+                },
+                None => return std::future::pending().await,
+            };
+            match self.retiring.iter().position(|name| *name == exit.task) {
+                Some(index) if !exit.panicked => {
+                    self.retiring.swap_remove(index);
+                    tracing::debug!(task = %exit.task, "a task told to stop has stopped");
+                }
+                _ => break exit,
+            }
         };
         tracing::error!(
             task = %exit.task,
@@ -116,6 +128,12 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    /// Marks the task `name` as told to stop: its end is expected, not a
+    /// failure (a panic still is).
+    pub fn retire(&mut self, name: &str) {
+        self.retiring.push(name.to_owned());
     }
 
     fn name_of(&self, id: tokio::task::Id) -> String {
@@ -154,5 +172,24 @@ mod tests {
         assert!(!exit.panicked);
         // The first failure is the one reported.
         assert!(health.failure().unwrap().contains("refresher"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_told_to_stop_ends_without_failing_health() {
+        let health = Arc::new(Health::new());
+        let mut supervisor = Supervisor::new(health.clone());
+        let (stop, mut signal) = crate::shutdown::channel();
+        supervisor.spawn(
+            "refresher of account eu",
+            async move { signal.wait().await },
+        );
+        // Ends well after the retired one (the paused clock makes it so).
+        supervisor.spawn("admin listener", async {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        });
+        supervisor.retire("refresher of account eu");
+        stop.trigger();
+        let exit = supervisor.failure().await;
+        assert_eq!(exit.task, "admin listener");
     }
 }

@@ -349,6 +349,27 @@ impl Settings {
         self.accounts.iter().find(|account| account.name == name)
     }
 
+    /// Every file a secret was read from: a reload is due when one changes.
+    pub fn secret_files(&self) -> Vec<PathBuf> {
+        let mut origins: Vec<&SecretOrigin> = Vec::new();
+        for account in &self.accounts {
+            origins.push(&account.client_secret_origin);
+            if let Bootstrap::RefreshToken(secret) | Bootstrap::Pat(secret) = &account.bootstrap {
+                origins.push(&secret.origin);
+            }
+        }
+        if let Some(key) = &self.access.client_key {
+            origins.push(&key.origin);
+        }
+        origins
+            .into_iter()
+            .filter_map(|origin| match origin {
+                SecretOrigin::File(path) => Some(path.clone()),
+                SecretOrigin::Env(_) => None,
+            })
+            .collect()
+    }
+
     /// A listing of the effective settings for `run --check`, one `key =
     /// value` line each, keyed as in the TOML file (an account other than
     /// `default` under `accounts.NAME.`); secrets appear only as where they

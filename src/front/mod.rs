@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use http::uri::{Authority, Scheme};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
@@ -192,7 +193,8 @@ impl Forwarder {
 /// The main listener's handler.
 pub struct FrontDoor {
     proxy: Arc<ProxyService>,
-    key: Option<ClientKey>,
+    /// Replaced by a reload.
+    key: ArcSwapOption<ClientKey>,
     forward: Option<Forwarder>,
     access: AccessLog,
 }
@@ -208,15 +210,21 @@ impl FrontDoor {
     ) -> Self {
         Self {
             proxy,
-            key,
+            key: ArcSwapOption::new(key.map(Arc::new)),
             forward,
             access,
         }
     }
 
+    /// The key clients must present from now on (`None`: no key).
+    pub fn set_key(&self, key: Option<ClientKey>) {
+        self.key.store(key.map(Arc::new));
+    }
+
     async fn answer(&self, client: &Client, request: Request<Incoming>) -> Response<ProxyBody> {
         if self
             .key
+            .load()
             .as_ref()
             .is_some_and(|key| !key.admits(request.headers()))
         {

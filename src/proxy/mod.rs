@@ -16,6 +16,8 @@ pub mod upgrade;
 pub mod upstream;
 
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -43,7 +45,8 @@ const FORBIDDEN_PEEK_LIMIT: usize = 64 * 1024;
 pub struct ProxyService {
     router: Arc<Router>,
     metrics: Arc<Metrics>,
-    rules: Arc<RequestRules>,
+    /// Replaced whole by a reload.
+    rules: ArcSwap<RequestRules>,
 }
 
 /// What upstream's answer means for the token.
@@ -63,8 +66,13 @@ impl ProxyService {
         Self {
             router,
             metrics,
-            rules,
+            rules: ArcSwap::new(rules),
         }
+    }
+
+    /// The rules requests are held to from now on.
+    pub fn set_rules(&self, rules: Arc<RequestRules>) {
+        self.rules.store(rules);
     }
 
     /// The metrics it counts in.
@@ -118,7 +126,7 @@ impl ProxyService {
         body: Incoming,
         note: &mut Note,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        self.rules.check(&parts.method, parts.uri.path())?;
+        self.rules.load().check(&parts.method, parts.uri.path())?;
         let uri = upstream.uri_for(&parts.uri)?;
         admit(route, rate::api_of(parts.uri.path()), note).await?;
         let upgrade = upgrade::requested(&mut parts);

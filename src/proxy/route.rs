@@ -86,6 +86,13 @@ impl RoutingTable {
         }
     }
 
+    /// A table of routes already shared.
+    pub fn from_routes(routes: impl IntoIterator<Item = Arc<Route>>) -> Self {
+        Self {
+            routes: routes.into_iter().collect(),
+        }
+    }
+
     /// The routes, for wiring and reports.
     pub fn routes(&self) -> &[Arc<Route>] {
         &self.routes

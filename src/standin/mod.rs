@@ -321,6 +321,13 @@ impl StandIn {
         self.state().refuse_all = refuse;
     }
 
+    /// Makes the token endpoint accept `secret` as the client secret from
+    /// now on (and no longer the old one), as after a rotation in GoTo's
+    /// developer center.
+    pub fn set_client_secret(&self, secret: &str) {
+        self.state().client_secret = secret.to_owned();
+    }
+
     /// Makes the API answer its next `count` requests 429, with
     /// `Retry-After: retry_after_secs` when given, as GoTo does beyond its limit.
     pub fn throttle_next(&self, count: u32, retry_after_secs: Option<u64>) {

@@ -131,6 +131,33 @@ pub trait TokenClient: Send + Sync + 'static {
     fn request<'a>(&'a self, grant: &'a Grant) -> BoxFuture<'a, Result<TokenGrant, EndpointError>>;
 }
 
+/// A token endpoint client that a reload can replace (a new client secret,
+/// a new token URL) under a refresher that keeps running, so that no
+/// refresh token it holds is lost.
+#[derive(Clone, Debug)]
+pub struct SharedEndpoint(std::sync::Arc<arc_swap::ArcSwap<TokenEndpoint>>);
+
+impl SharedEndpoint {
+    /// Starts with `endpoint`.
+    pub fn new(endpoint: TokenEndpoint) -> Self {
+        Self(std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(
+            endpoint,
+        )))
+    }
+
+    /// Token requests from now on go to `endpoint`.
+    pub fn replace(&self, endpoint: TokenEndpoint) {
+        self.0.store(std::sync::Arc::new(endpoint));
+    }
+}
+
+impl TokenClient for SharedEndpoint {
+    fn request<'a>(&'a self, grant: &'a Grant) -> BoxFuture<'a, Result<TokenGrant, EndpointError>> {
+        let endpoint = self.0.load_full();
+        Box::pin(async move { endpoint.request(grant).await })
+    }
+}
+
 impl TokenClient for TokenEndpoint {
     fn request<'a>(&'a self, grant: &'a Grant) -> BoxFuture<'a, Result<TokenGrant, EndpointError>> {
         Box::pin(TokenEndpoint::request(self, grant))
