@@ -10,6 +10,7 @@ key into the proxy's only, and point the app's HTTPS_PROXY at the sidecar.
 """
 import re
 import sys
+import tomllib
 
 import yaml
 
@@ -73,9 +74,35 @@ def check_example(path):
     grace = pod["terminationGracePeriodSeconds"]
     check(grace > pause + drain, f"grace period {grace}s exceeds preStop {pause}s + drain {drain}s")
 
+    if "GOTO_PROXY_CONFIG" in env:
+        check_accounts(check, env, kinds, mounts, volumes)
     if env.get("GOTO_PROXY_FORWARD") == "true":
         check_forward(check, env, pod, proxy, mounts, volumes)
     return problems, len(documents)
+
+
+def check_accounts(check, env, kinds, mounts, volumes):
+    """The config file's accounts: their secrets in read-only Secret mounts,
+    their state files on the persistent volume."""
+    config_dir, config_name = env["GOTO_PROXY_CONFIG"].rsplit("/", 1)
+    mount = mounts.get(config_dir)
+    config_map = kinds.get("ConfigMap")
+    check(mount is not None and config_map is not None, "the config file comes from a ConfigMap")
+    if mount is None or config_map is None:
+        return
+    accounts = tomllib.loads(config_map["data"][config_name]).get("accounts", {})
+    check(accounts, "the config file declares an account")
+    state_dir = env["GOTO_STATE_FILE"].rsplit("/", 1)[0]
+    for name, account in accounts.items():
+        for key in ("client_secret_file", "refresh_token_file", "pat_file"):
+            if key not in account:
+                continue
+            secret_mount = mounts.get(account[key].rsplit("/", 1)[0])
+            check(secret_mount is not None and secret_mount.get("readOnly")
+                  and "secret" in volumes[secret_mount["name"]],
+                  f"accounts.{name}.{key} lies in a read-only Secret mount")
+        check(account.get("state_file", "").rsplit("/", 1)[0] == state_dir,
+              f"accounts.{name}.state_file lies on the persistent volume")
 
 
 def check_forward(check, env, pod, proxy, mounts, volumes):
