@@ -42,14 +42,21 @@ pub struct AccessLog {
     enabled: bool,
 }
 
-/// A request on its way, as its access line will tell it.
+/// A request on its way, as its access line will tell it. Dropped before
+/// an answer (the client went away while it waited), it writes the line
+/// itself: status 499, as nginx logs a client that closed first.
 pub struct Pending {
     request_id: HeaderValue,
     method: Method,
     path: String,
     declared_length: Option<u64>,
     started: Instant,
+    /// Whether lines are written, and this one is still to be.
+    unwritten: bool,
 }
+
+/// The status logged for a request whose client left before its answer.
+const CLIENT_CLOSED: u16 = 499;
 
 impl AccessLog {
     /// An access log that writes lines when `enabled`.
@@ -87,6 +94,7 @@ impl AccessLog {
             path,
             declared_length,
             started: Instant::now(),
+            unwritten: self.enabled,
         }
     }
 
@@ -167,25 +175,43 @@ impl std::fmt::Debug for Pending {
 
 impl Drop for Line {
     fn drop(&mut self) {
-        let millis = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
-        let bytes_in = self.note.bytes_in.or(self.pending.declared_length);
-        tracing::info!(
-            target: TARGET,
-            request_id = self.pending.request_id.to_str().unwrap_or_default(),
-            account = self.note.account.as_deref().unwrap_or_default(),
-            method = %self.pending.method,
-            path = %self.pending.path,
-            status = self.status,
-            duration_ms = millis(self.pending.started.elapsed()),
-            upstream_ms = millis(self.note.upstream),
-            retried = self.note.retried,
-            rate_delayed_ms = millis(self.note.rate_delayed),
-            bytes_in,
-            bytes_out = self.bytes_out,
-            complete = self.complete,
-            "request"
+        write_line(
+            &self.pending,
+            self.status,
+            &self.note,
+            self.bytes_out,
+            self.complete,
         );
     }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.unwritten {
+            write_line(self, CLIENT_CLOSED, &Note::default(), 0, false);
+        }
+    }
+}
+
+fn write_line(pending: &Pending, status: u16, note: &Note, bytes_out: u64, complete: bool) {
+    let millis = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+    let bytes_in = note.bytes_in.or(pending.declared_length);
+    tracing::info!(
+        target: TARGET,
+        request_id = pending.request_id.to_str().unwrap_or_default(),
+        account = note.account.as_deref().unwrap_or_default(),
+        method = %pending.method,
+        path = %pending.path,
+        status,
+        duration_ms = millis(pending.started.elapsed()),
+        upstream_ms = millis(note.upstream),
+        retried = note.retried,
+        rate_delayed_ms = millis(note.rate_delayed),
+        bytes_in,
+        bytes_out,
+        complete,
+        "request"
+    );
 }
 
 /// Whether a client-given request id can be passed on and logged as it is.

@@ -229,14 +229,15 @@ pub async fn run_with_reload(
             serving_signal.clone(),
         ),
     );
-    let serving = serve(
+    // A task of its own, so that a reload under way never holds up accepting.
+    let mut serving = tokio::spawn(serve(
         listeners.proxy,
         proxy_server,
         front.clone(),
         settings.access.listener_tls.clone().map(TlsAcceptor::from),
         metrics.clone(),
         serving_signal,
-    );
+    ));
     let watched: Watched = Arc::new(ArcSwap::from_pointee(watched_files(
         &settings,
         reload.as_ref(),
@@ -253,7 +254,6 @@ pub async fn run_with_reload(
         pools,
         metrics,
     };
-    let mut serving = std::pin::pin!(serving);
     let mut drained = false;
     let failure = loop {
         let next_reload = async {
@@ -266,7 +266,7 @@ pub async fn run_with_reload(
             () = shutdown.wait() => break None,
             exit = supervisor.failure() => break Some(exit),
             // The listener stops only when told to; should it ever end, stop too.
-            () = &mut serving => {
+            _ = &mut serving => {
                 drained = true;
                 break None;
             }
@@ -280,7 +280,7 @@ pub async fn run_with_reload(
     };
     stop_serving.trigger();
     if !drained {
-        serving.await;
+        let _ = serving.await;
     }
     // The refreshers outlive the drain: a request in flight may still need a refresh.
     for running in state.accounts.values() {
@@ -363,11 +363,21 @@ impl Serving {
         {
             started.push(start_account(&new, account, &self.pools, &self.metrics).await?);
         }
-        let mut next = BTreeMap::new();
+        let mut updates = Vec::new();
         for account in &new.accounts {
-            if let Some(mut running) = self.accounts.remove(&account.name) {
-                running.update(&new, account, &self.pools)?;
-                next.insert(account.name.clone(), running);
+            if let Some(running) = self.accounts.get(&account.name) {
+                updates.push((
+                    account.name.clone(),
+                    running.prepare(&new, account, &self.pools)?,
+                ));
+            }
+        }
+        // Nothing below can fail: the reload is taken whole or not at all.
+        let mut next = BTreeMap::new();
+        for (name, update) in updates {
+            if let Some(mut running) = self.accounts.remove(&name) {
+                running.commit(update);
+                next.insert(name, running);
             }
         }
         for started in started {
@@ -395,16 +405,24 @@ impl Serving {
     }
 }
 
+/// What a reload changes of a kept account, made before anything changes.
+struct Update {
+    /// A new token endpoint client, when the client or token URL changed.
+    endpoint: Option<crate::token::endpoint::TokenEndpoint>,
+    route: Arc<Route>,
+    settings: AccountSettings,
+}
+
 impl RunningAccount {
-    /// Takes `account`'s new settings: a changed client or token URL is
-    /// used from the next token request on (the refresher keeps running,
-    /// and with it the refresh token it holds); the route is rebuilt.
-    fn update(
-        &mut self,
+    /// What `account`'s new settings change: a changed client or token URL
+    /// goes to the running refresher (which keeps running, and with it the
+    /// refresh token it holds); the route is rebuilt.
+    fn prepare(
+        &self,
         settings: &Settings,
         account: &AccountSettings,
         pools: &Pools,
-    ) -> Result<(), StartError> {
+    ) -> Result<Update, StartError> {
         use secrecy::ExposeSecret;
         let old = &self.settings;
         if old.state_file != account.state_file {
@@ -413,17 +431,16 @@ impl RunningAccount {
         let client_changed = old.token_url != account.token_url
             || old.client.id != account.client.id
             || old.client.secret.expose_secret() != account.client.secret.expose_secret();
-        if client_changed {
-            self.endpoint.replace(account.token_endpoint(settings)?);
-            tracing::info!(account = %account.name, "the OAuth client or token URL changed; used from the next token request");
-        }
+        let endpoint = client_changed
+            .then(|| account.token_endpoint(settings))
+            .transpose()?;
         let rate = settings.rate.for_account(account);
         let shaper = if rate == self.route.shaper.settings() {
             self.route.shaper.clone()
         } else {
             Arc::new(RateShaper::new(rate))
         };
-        self.route = Arc::new(Route {
+        let route = Arc::new(Route {
             account: account.name.clone(),
             tokens: self.route.tokens.clone(),
             upstream: Upstream::new(account.upstream.clone(), pools),
@@ -431,12 +448,24 @@ impl RunningAccount {
             metrics: self.route.metrics.clone(),
             shaper,
         });
-        let state_file = self.settings.state_file.clone();
-        self.settings = AccountSettings {
-            state_file,
-            ..account.clone()
-        };
-        Ok(())
+        Ok(Update {
+            endpoint,
+            route,
+            // The state file stays the one the refresher writes to.
+            settings: AccountSettings {
+                state_file: old.state_file.clone(),
+                ..account.clone()
+            },
+        })
+    }
+
+    fn commit(&mut self, update: Update) {
+        if let Some(endpoint) = update.endpoint {
+            self.endpoint.replace(endpoint);
+            tracing::info!(account = %update.settings.name, "the OAuth client or token URL changed; used from the next token request");
+        }
+        self.route = update.route;
+        self.settings = update.settings;
     }
 }
 

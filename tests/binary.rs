@@ -737,3 +737,36 @@ async fn the_access_log_can_be_turned_off() {
     assert!(running.wait_exit().await.success());
     assert!(!running.log_text().contains("\"target\":\"access\""));
 }
+
+#[tokio::test]
+async fn a_request_whose_client_leaves_is_logged_as_499() {
+    let standin = StandIn::start(StandInOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = run_command(&standin, dir.path(), &standin.refresh_token());
+    command.args(["--log-format", "json"]);
+    let running = Running::spawn(command);
+    let listen = running.logged_json_value("listen").await;
+    let impatient = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let gone = impatient
+        .get(format!("http://{listen}/sleep/3000"))
+        .header("x-request-id", "left-early")
+        .send()
+        .await;
+    assert!(gone.is_err());
+    wait_for("the line of the abandoned request", || {
+        let found = running.log.lock().unwrap().iter().any(|line| {
+            serde_json::from_str::<serde_json::Value>(line).is_ok_and(|l| {
+                l["target"] == "access" && l["request_id"] == "left-early" && l["status"] == 499
+            })
+        });
+        std::future::ready(found)
+    })
+    .await;
+    running.signal("TERM");
+    let mut running = running;
+    assert!(running.wait_exit().await.success());
+}

@@ -339,3 +339,90 @@ async fn a_tunnel_keeps_its_place_under_the_connection_cap() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_connect_inside_a_tunnel_is_refused() {
+    let f = start(|_, _| {}).await;
+    let (status, tunnel) = connect(f.proxy.addr, "api.getgo.com:443", &[]).await;
+    assert_eq!(status, 200);
+    let tls = tls_over(tunnel, "api.getgo.com", &f.ca, &[b"http/1.1"])
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::connect("api.getgo.com:443")
+        .header("host", "api.getgo.com:443")
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(f.goto.recorded_requests().is_empty());
+}
+
+#[tokio::test]
+async fn a_plain_request_to_another_host_is_passed_on_without_the_token() {
+    let plain = goto_auth_proxy::standin::StandIn::start(Default::default())
+        .await
+        .unwrap();
+    let port = plain.api_url().rsplit(':').next().unwrap().to_owned();
+    let f = start(|options, _| {
+        let rules = options.connect_to.take().unwrap();
+        // The inject host's other port leads nowhere: no test reaches out.
+        options.connect_to = Some(format!(
+            "{rules},plain.example:80:127.0.0.1:{port},api.getgo.com:8443:127.0.0.1:1"
+        ));
+    })
+    .await;
+    let via_proxy = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(f.proxy.url("")).unwrap())
+        .build()
+        .unwrap();
+    let response = via_proxy
+        .get("http://plain.example/G2M/rest/meetings")
+        .bearer_auth("the-clients-own")
+        .send()
+        .await
+        .unwrap();
+    // The plain server judges the client's own token, and refuses it.
+    assert_eq!(response.status(), 401);
+    let recorded = plain.recorded_requests();
+    assert_eq!(recorded.len(), 1);
+    assert_eq!(bearer_of(&recorded[0]).as_deref(), Some("the-clients-own"));
+    assert_eq!(recorded[0].headers["host"], "plain.example");
+    // An inject host on another port is no inject host: never the token.
+    let (status, _) = connect(f.proxy.addr, "api.getgo.com:8443", &[]).await;
+    assert_eq!(
+        status, 502,
+        "tunnelled (to a port nobody listens on), not intercepted"
+    );
+    assert!(f.goto.recorded_requests().is_empty());
+}
+
+#[tokio::test]
+async fn a_websocket_keeps_its_place_under_the_connection_cap() {
+    let f = start(|options, _| options.max_connections = Some("1".into())).await;
+    let direct = tokio::net::TcpStream::connect(f.proxy.addr).await.unwrap();
+    let url = format!("ws://{}/ws/echo", f.proxy.addr);
+    let (mut socket, _) = tokio_tungstenite::client_async(url.as_str(), direct)
+        .await
+        .unwrap();
+    socket.send(Message::text("hold")).await.unwrap();
+    assert_eq!(socket.next().await.unwrap().unwrap(), Message::text("hold"));
+    let refused = common::client()
+        .get(f.proxy.url("/G2M/rest/meetings"))
+        .send()
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    socket.close(None).await.unwrap();
+    drop(socket);
+    common::wait_for("the websocket's place to be free again", || async {
+        common::client()
+            .get(f.proxy.url("/G2M/rest/meetings"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+}

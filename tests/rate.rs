@@ -181,3 +181,17 @@ async fn shaping_is_off_by_default_for_an_upstream_that_is_not_gotos() {
         Some(0.0)
     );
 }
+
+#[tokio::test]
+async fn with_shaping_off_gotos_429_is_passed_on_at_once() {
+    let s = setup(StandInOptions::default(), |_| {}).await;
+    s.standin.throttle_next(1, Some(30));
+    let get = client()
+        .get(s.proxy.url("/G2M/rest/meetings"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status(), 429);
+    assert_eq!(get.headers()["retry-after"], "30");
+    assert_eq!(s.standin.recorded_requests().len(), 1);
+}

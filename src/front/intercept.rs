@@ -63,8 +63,8 @@ pub struct Intercepted {
     port: u16,
     upstream: Upstream,
     proxy_user: Option<String>,
-    /// Held while the tunnel is served.
-    _admission: Admission,
+    /// Held while the tunnel is served, and by a WebSocket inside it.
+    admission: Admission,
 }
 
 impl Interceptor {
@@ -109,7 +109,7 @@ impl Interceptor {
                         port: tunnel.port,
                         upstream: tunnel.upstream,
                         proxy_user: tunnel.proxy_user,
-                        _admission: tunnel.admission,
+                        admission: tunnel.admission,
                     };
                     interceptor
                         .serve(TokioIo::new(upgraded), peer, tunnel)
@@ -172,9 +172,19 @@ impl Interceptor {
     async fn answer(
         &self,
         tunnel: &Intercepted,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
     ) -> Response<ProxyBody> {
-        if let Err(error) = names_tunnel_host(&request, tunnel) {
+        if request.headers().contains_key(http::header::UPGRADE) {
+            request.extensions_mut().insert(tunnel.admission.clone());
+        }
+        let checked = if request.method() == http::Method::CONNECT {
+            Err(ProxyError::BadRequest(
+                "a CONNECT inside a tunnel is not served".into(),
+            ))
+        } else {
+            names_tunnel_host(&request, tunnel)
+        };
+        if let Err(error) = checked {
             tracing::warn!(error = %error, "request refused by the proxy");
             let response = error.into_response();
             self.proxy

@@ -30,6 +30,9 @@ use crate::proxy::upstream::{Pools, Upstream};
 use crate::proxy::{ProxyService, Via};
 use crate::server::{Accepting, Admission, Handler, Server};
 
+/// The only port of an inject host the token goes to.
+const HTTPS_PORT: u16 = 443;
+
 /// State of one client connection to the main listener.
 pub struct Client {
     affinity: Affinity,
@@ -72,8 +75,8 @@ impl Forwarder {
         })
     }
 
-    /// `CONNECT host:port`: intercepted for an inject host, else tunnelled
-    /// or refused as `--other-hosts` says.
+    /// `CONNECT host:port`: intercepted for an inject host on its HTTPS
+    /// port, else tunnelled or refused as `--other-hosts` says.
     async fn connect(
         &self,
         request: Request<Incoming>,
@@ -86,14 +89,14 @@ impl Forwarder {
             .ok_or_else(|| ProxyError::BadRequest("CONNECT needs a host:port target".into()))?;
         let port = authority.port_u16().unwrap_or(443);
         let host = authority.host().to_ascii_lowercase();
-        if self.policy.injects(&host) {
-            let upstream = self.host_upstream(&host, port);
+        if port == HTTPS_PORT && self.policy.injects(&host) {
+            let upstream = self.host_upstream(&host);
             let tunnel = intercept::Tunnel {
                 peer: client.peer,
                 admission: client.admission.clone(),
                 proxy_user: gate::basic_user(request.headers()),
                 host,
-                port,
+                port: HTTPS_PORT,
                 upstream,
             };
             return Ok(self.interceptor.intercept(request, tunnel));
@@ -127,8 +130,8 @@ impl Forwarder {
     }
 
     /// An absolute-form request (`GET http://host/path`): to an inject host
-    /// it goes over HTTPS with the token; to another host as
-    /// `--other-hosts` says, never with the token.
+    /// (on its default port) it goes over HTTPS with the token; to another
+    /// host as `--other-hosts` says, never with the token.
     async fn absolute(
         &self,
         proxy: &ProxyService,
@@ -138,14 +141,13 @@ impl Forwarder {
         let uri = request.uri();
         let authority = uri.authority().cloned().expect("checked by the caller");
         let host = authority.host().to_ascii_lowercase();
-        if self.policy.injects(&host) {
-            // Plain http to port 80 means the host's HTTPS port; another port is kept.
-            let port = match (uri.scheme_str(), authority.port_u16()) {
-                (Some("http"), None | Some(80)) => 443,
-                (_, Some(port)) => port,
-                (_, None) => 443,
-            };
-            let upstream = self.host_upstream(&host, port);
+        // Plain http to port 80 means the host's HTTPS port.
+        let default_port = matches!(
+            (uri.scheme_str(), authority.port_u16()),
+            (Some("http"), None | Some(80)) | (Some("https"), None | Some(HTTPS_PORT))
+        );
+        if default_port && self.policy.injects(&host) {
+            let upstream = self.host_upstream(&host);
             let proxy_user = gate::basic_user(request.headers());
             let via = Via::Forward {
                 upstream: &upstream,
@@ -156,29 +158,23 @@ impl Forwarder {
         match self.policy.other_hosts {
             OtherHosts::Deny => Err(ProxyError::HostNotAllowed(shown_host(&host))),
             OtherHosts::Tunnel => {
-                let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
-                let upstream = Upstream::new(
-                    UpstreamUrl {
-                        scheme,
-                        authority,
-                        base_path: String::new(),
-                    },
-                    &self.pools,
-                );
-                tunnel::forward_plain(&upstream, affinity, request, self.upstream_timeout).await
+                tunnel::forward_plain(
+                    &self.connect_to,
+                    self.connect_timeout,
+                    request,
+                    self.upstream_timeout,
+                )
+                .await
             }
         }
     }
 
     /// The upstream for an inject host: HTTPS, the pool shared with every
-    /// route that names the same host.
-    fn host_upstream(&self, host: &str, port: u16) -> Upstream {
-        let authority = if port == 443 {
-            Authority::try_from(host)
-        } else {
-            Authority::try_from(format!("{host}:{port}"))
-        }
-        .expect("a host from a parsed authority, with a port, is an authority");
+    /// route that names the same host (so there are as many pools as
+    /// inject hosts, whatever clients ask for).
+    fn host_upstream(&self, host: &str) -> Upstream {
+        let authority =
+            Authority::try_from(host).expect("a host from a parsed authority is an authority");
         Upstream::new(
             UpstreamUrl {
                 scheme: Scheme::HTTPS,
@@ -221,7 +217,11 @@ impl FrontDoor {
         self.key.store(key.map(Arc::new));
     }
 
-    async fn answer(&self, client: &Client, request: Request<Incoming>) -> Response<ProxyBody> {
+    async fn answer(&self, client: &Client, mut request: Request<Incoming>) -> Response<ProxyBody> {
+        // An upgraded connection (WebSocket) keeps the client's place under the cap.
+        if request.headers().contains_key(http::header::UPGRADE) {
+            request.extensions_mut().insert(client.admission.clone());
+        }
         if self
             .key
             .load()
@@ -237,7 +237,9 @@ impl FrontDoor {
                     "CONNECT is served only in forward mode (--forward)".into(),
                 ));
             };
-            return match forward.connect(request, client).await {
+            // Boxed, as is the absolute form below: every connection's task
+            // carries room for its handler's future, and these are rare.
+            return match Box::pin(forward.connect(request, client)).await {
                 Ok(response) => {
                     self.proxy
                         .metrics()
@@ -249,10 +251,7 @@ impl FrontDoor {
         }
         match forward {
             Some(forward) if is_absolute_form(&request) => {
-                match forward
-                    .absolute(&self.proxy, &client.affinity, request)
-                    .await
-                {
+                match Box::pin(forward.absolute(&self.proxy, &client.affinity, request)).await {
                     Ok(response) => response,
                     Err(error) => self.refused(error),
                 }

@@ -1,8 +1,9 @@
 //! `--allow-requests`: which methods and paths may be asked of GoTo with
 //! the token. With rules set, a request that would carry the token must
 //! match one; a path the upstream could read differently from the proxy
-//! (dot segments, percent-encoded `/`, `\` or `.`) is refused outright, so
-//! a prefix check cannot be walked around.
+//! (dot segments, percent-encoded `/`, `\`, `.` or `%`, a `\` that some
+//! servers take for `/`, a `;` that some take to end a segment, as in
+//! `..;`) is refused outright, so a prefix check cannot be walked around.
 
 use http::Method;
 
@@ -34,7 +35,7 @@ pub enum Refusal {
     },
     /// The path could mean another path upstream.
     #[error(
-        "while --allow-requests is set, paths with . or .. segments or a percent-encoded /, \\ or . are refused"
+        "while --allow-requests is set, paths with . or .. segments, a percent-encoded /, \\, . or %, a \\ or a ; are refused"
     )]
     AmbiguousPath,
 }
@@ -61,8 +62,12 @@ impl RequestRules {
         if self.rules.is_empty() {
             return Ok(());
         }
-        if path::has_dot_segment(path) || path::has_encoded_separator(path) || has_encoded_dot(path)
-        {
+        let ambiguous = path::has_dot_segment(path)
+            || path::has_encoded_separator(path)
+            || has_encoded_dot(path)
+            || path.contains(['\\', ';'])
+            || path.contains("%25");
+        if ambiguous {
             return Err(Refusal::AmbiguousPath);
         }
         let matches = |rule: &Rule| {
@@ -171,6 +176,9 @@ mod tests {
             "/G2W/rest/x%5cy",
             "/G2W/rest/%2Ex",
             "/G2W/rest/./x",
+            "/G2W/rest/..;/..;/admin/rest/v1/users",
+            "/G2W/rest/..\\..\\admin",
+            "/G2W/rest/%252e%252e/admin",
         ] {
             assert_eq!(
                 rules.check(&Method::GET, path),

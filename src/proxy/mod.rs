@@ -107,7 +107,10 @@ impl ProxyService {
             account: Some(route.metrics.account().clone()),
             ..Note::default()
         };
-        let forwarded = self.forward(&route, upstream, affinity, parts, body, &mut note);
+        // Boxed: hyper keeps room for a connection's handler future from the
+        // start, so an idle connection would otherwise carry all of it
+        // (measured: ~3 MiB more resident per 2000 idle connections).
+        let forwarded = Box::pin(self.forward(&route, upstream, affinity, parts, body, &mut note));
         let mut response = match forwarded.await {
             Ok(response) => response,
             Err(error) => refused(error),
@@ -170,13 +173,22 @@ impl ProxyService {
                     });
                 }
                 Ok(Verdict::TokenRefused(response)) => response,
-                Ok(Verdict::Throttled(response, pause)) => {
+                Ok(Verdict::Throttled(response, retry_after)) => {
                     let api = rate::api_of(parts.uri.path());
                     route.metrics.count_throttled();
-                    route.shaper.throttled(api, pause);
+                    let pause = route.shaper.throttled(api, retry_after);
+                    // Sent again only after a pause the bucket enforces, and
+                    // only if that pause fits the wait a request is allowed.
+                    let waits = !route.shaper.is_off()
+                        && pause
+                            <= route
+                                .shaper
+                                .settings()
+                                .max_wait
+                                .saturating_sub(note.rate_delayed);
                     let bytes = replay
                         .as_ref()
-                        .filter(|_| resent_after_throttling(&parts.method))
+                        .filter(|_| waits && resent_after_throttling(&parts.method))
                         .filter(|_| retry.allows(Cause::Throttled, true));
                     let Some(bytes) = bytes else {
                         return Ok(response);

@@ -9,11 +9,15 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::body::ProxyBody;
+use crate::server::Admission;
 
 /// A client's request to switch protocols.
 pub struct Requested {
     protocol: HeaderValue,
     client: OnUpgrade,
+    /// The client connection's place under the connection cap, kept by the
+    /// piped connection once it outlives the HTTP one.
+    admission: Option<Admission>,
 }
 
 /// The client's upgrade request, if `parts` make one: HTTP/1.1 with
@@ -25,7 +29,12 @@ pub fn requested(parts: &mut request::Parts) -> Option<Requested> {
     }
     let protocol = parts.headers.get(UPGRADE)?.clone();
     let client = parts.extensions.remove::<OnUpgrade>()?;
-    Some(Requested { protocol, client })
+    let admission = parts.extensions.remove::<Admission>();
+    Some(Requested {
+        protocol,
+        client,
+        admission,
+    })
 }
 
 impl Requested {
@@ -48,6 +57,7 @@ impl Requested {
             .into_response();
         };
         tokio::spawn(async move {
+            let _admission = self.admission;
             match tokio::try_join!(self.client, upstream) {
                 Ok((client, upstream)) => pipe(TokioIo::new(client), TokioIo::new(upstream)).await,
                 Err(error) => tracing::debug!(error = %error, "an upgrade did not complete"),
