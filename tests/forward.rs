@@ -6,10 +6,11 @@
 
 mod common;
 
-use common::forward::{bearer_of, client_via, connect, start, tls_over, OTHER_HOST};
+use common::forward::{
+    bearer_of, client_via, connect, intercepted_sender, start, tls_over, OTHER_HOST,
+};
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::Message;
 
 /// The JSON body of a response.
@@ -105,15 +106,7 @@ async fn a_differing_sni_or_host_carries_no_token() {
     let refused = tls_over(tunnel, "api.goto.com", &f.ca, &[b"http/1.1"]).await;
     assert!(refused.is_err(), "a handshake for another name succeeded");
     // The SNI agrees but the Host names another inject host: 421.
-    let (status, tunnel) = connect(f.proxy.addr, "api.getgo.com:443", &[]).await;
-    assert_eq!(status, 200);
-    let tls = tls_over(tunnel, "api.getgo.com", &f.ca, &[b"http/1.1"])
-        .await
-        .unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let mut sender = intercepted_sender(f.proxy.addr, "api.getgo.com", &f.ca).await;
     let request = http::Request::get("/G2M/rest/meetings")
         .header("host", "api.goto.com")
         .body(Empty::<bytes::Bytes>::new())
@@ -343,15 +336,7 @@ async fn a_tunnel_keeps_its_place_under_the_connection_cap() {
 #[tokio::test]
 async fn a_connect_inside_a_tunnel_is_refused() {
     let f = start(|_, _| {}).await;
-    let (status, tunnel) = connect(f.proxy.addr, "api.getgo.com:443", &[]).await;
-    assert_eq!(status, 200);
-    let tls = tls_over(tunnel, "api.getgo.com", &f.ca, &[b"http/1.1"])
-        .await
-        .unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let mut sender = intercepted_sender(f.proxy.addr, "api.getgo.com", &f.ca).await;
     let request = http::Request::connect("api.getgo.com:443")
         .header("host", "api.getgo.com:443")
         .body(Empty::<bytes::Bytes>::new())

@@ -165,3 +165,21 @@ pub fn bearer_of(request: &goto_auth_proxy::standin::RecordedRequest) -> Option<
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_owned)
 }
+
+/// An HTTP/1.1 connection to `host` inside a tunnel through `proxy`, TLS
+/// trusting `ca` (the interception CA).
+pub async fn intercepted_sender(
+    proxy: SocketAddr,
+    host: &str,
+    ca: &Path,
+) -> hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    let (status, tunnel) = connect(proxy, &format!("{host}:443"), &[]).await;
+    assert_eq!(status, 200);
+    let tls = tls_over(tunnel, host, ca, &[b"http/1.1"]).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    sender
+}
