@@ -17,6 +17,13 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower_service::Service;
 
+/// How long an outgoing connection may sit silent before the kernel asks
+/// the peer whether it is still there (TCP keepalive), so that a tunnel
+/// or pooled connection to a peer that vanished does not stay open forever.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// The interval of keepalive probes once they start.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+
 /// An error on the way to a connection.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -84,6 +91,10 @@ impl ConnectTo {
                 )
             })??;
         stream.set_nodelay(true)?;
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL);
+        socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
         Ok(stream)
     }
 }
@@ -333,5 +344,8 @@ mod tests {
             .unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
         assert_eq!(dialed.local_addr().unwrap(), accepted.peer_addr().unwrap());
+        let socket = socket2::SockRef::from(&dialed);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
     }
 }

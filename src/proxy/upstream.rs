@@ -65,6 +65,7 @@ impl Pools {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
+        http.set_keepalive(Some(crate::outbound::KEEPALIVE_IDLE));
         http.set_connect_timeout(Some(options.connect_timeout));
         let tls = crate::tls::client_config(options.extra_roots_pem.as_deref())?;
         let dialer = Dialer::new(http, options.connect_to.clone());
