@@ -47,10 +47,7 @@ impl ConnectTo {
     /// Parses comma-separated `HOST:PORT:ADDR:PORT` rules (IPv6 addresses in
     /// brackets). The error says what is wrong with which rule.
     pub fn parse(value: &str) -> Result<Self, String> {
-        let rules = value
-            .split(',')
-            .map(str::trim)
-            .filter(|rule| !rule.is_empty())
+        let rules = crate::config::parse::list_items(value)
             .map(parse_rule)
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self { rules })

@@ -137,7 +137,7 @@ impl CertificateAuthority {
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(SingleCertAndKey::from(Arc::clone(&certified_key))));
-        server_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        server_config.alpn_protocols = crate::tls::SERVER_ALPN.iter().map(|p| p.to_vec()).collect();
         Ok(Leaf {
             certified_key,
             server_config: Arc::new(server_config),

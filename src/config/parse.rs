@@ -152,13 +152,17 @@ pub fn named_state_file(default_state_file: &Path, name: &str) -> PathBuf {
         .join(format!("state-{name}.json"))
 }
 
+/// The items of a comma-separated setting, trimmed, empty ones left out.
+pub fn list_items(value: &str) -> impl Iterator<Item = &str> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+}
+
 /// A comma-separated list of host names (lower-cased), at least one.
 pub(super) fn hosts(setting: &'static str, value: &str) -> Result<Vec<String>, ConfigError> {
-    let hosts: Vec<String> = value
-        .split(',')
-        .map(|host| host.trim().to_ascii_lowercase())
-        .filter(|host| !host.is_empty())
-        .collect();
+    let hosts: Vec<String> = list_items(value).map(str::to_ascii_lowercase).collect();
     if hosts.is_empty() {
         return Err(ConfigError::new(setting, "name at least one host"));
     }

@@ -21,6 +21,7 @@ use crate::metrics::{ConnectOutcome, Metrics};
 use crate::proxy::body::ProxyBody;
 use crate::proxy::error::ProxyError;
 use crate::proxy::pool::Affinity;
+use crate::proxy::upgrade;
 use crate::proxy::upstream::Upstream;
 use crate::proxy::{ProxyService, Via};
 use crate::server::{Admission, Handler, Server};
@@ -174,9 +175,7 @@ impl Interceptor {
         tunnel: &Intercepted,
         mut request: Request<Incoming>,
     ) -> Response<ProxyBody> {
-        if request.headers().contains_key(http::header::UPGRADE) {
-            request.extensions_mut().insert(tunnel.admission.clone());
-        }
+        upgrade::keep_place(&mut request, &tunnel.admission);
         let checked = if request.method() == http::Method::CONNECT {
             Err(ProxyError::BadRequest(
                 "a CONNECT inside a tunnel is not served".into(),
@@ -185,12 +184,7 @@ impl Interceptor {
             names_tunnel_host(&request, tunnel)
         };
         if let Err(error) = checked {
-            tracing::warn!(error = %error, "request refused by the proxy");
-            let response = error.into_response();
-            self.proxy
-                .metrics()
-                .count_unrouted_response(response.status());
-            return response;
+            return super::refused(self.proxy.metrics(), error);
         }
         self.proxy
             .handle(

@@ -21,11 +21,12 @@ use self::gate::ClientKey;
 use self::intercept::Interceptor;
 use crate::access::AccessLog;
 use crate::config::{ForwardSettings, OtherHosts, Settings, UpstreamUrl};
-use crate::metrics::ConnectOutcome;
+use crate::metrics::{ConnectOutcome, Metrics};
 use crate::outbound::ConnectTo;
 use crate::proxy::body::ProxyBody;
 use crate::proxy::error::ProxyError;
 use crate::proxy::pool::Affinity;
+use crate::proxy::upgrade;
 use crate::proxy::upstream::{Pools, Upstream};
 use crate::proxy::{ProxyService, Via};
 use crate::server::{Accepting, Admission, Handler, Server};
@@ -218,10 +219,7 @@ impl FrontDoor {
     }
 
     async fn answer(&self, client: &Client, mut request: Request<Incoming>) -> Response<ProxyBody> {
-        // An upgraded connection (WebSocket) keeps the client's place under the cap.
-        if request.headers().contains_key(http::header::UPGRADE) {
-            request.extensions_mut().insert(client.admission.clone());
-        }
+        upgrade::keep_place(&mut request, &client.admission);
         if self
             .key
             .load()
@@ -266,13 +264,17 @@ impl FrontDoor {
 
     /// A request answered by the proxy itself, counted and logged.
     fn refused(&self, error: ProxyError) -> Response<ProxyBody> {
-        tracing::warn!(error = %error, "request refused by the proxy");
-        let response = error.into_response();
-        self.proxy
-            .metrics()
-            .count_unrouted_response(response.status());
-        response
+        refused(self.proxy.metrics(), error)
     }
+}
+
+/// A request the front door (or an intercepted tunnel) answers itself,
+/// before any account: logged, and counted under no account.
+fn refused(metrics: &Metrics, error: ProxyError) -> Response<ProxyBody> {
+    tracing::warn!(error = %error, "request refused by the proxy");
+    let response = error.into_response();
+    metrics.count_unrouted_response(response.status());
+    response
 }
 
 /// An HTTP/1 request whose target names a host (`GET http://host/path`);

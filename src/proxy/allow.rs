@@ -43,10 +43,7 @@ pub enum Refusal {
 impl RequestRules {
     /// Parses comma-separated `METHOD /prefix` rules (`*` for any method).
     pub fn parse(value: &str) -> Result<Self, String> {
-        let rules = value
-            .split(',')
-            .map(str::trim)
-            .filter(|rule| !rule.is_empty())
+        let rules = crate::config::parse::list_items(value)
             .map(parse_rule)
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self { rules })

@@ -91,13 +91,17 @@ pub fn retry_after(headers: &HeaderMap) -> Option<std::time::Duration> {
 
 /// Whether the `Connection` header names `name` as hop-by-hop (RFC 9110 §7.6.1).
 fn listed_in_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
-    name != header::CONNECTION
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|list| list.split(','))
-            .any(|listed| listed.trim().eq_ignore_ascii_case(name.as_str()))
+    name != header::CONNECTION && connection_lists(headers, name.as_str())
+}
+
+/// Whether a `Connection` header lists `token` (such as `upgrade`).
+pub fn connection_lists(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|list| list.split(','))
+        .any(|listed| listed.trim().eq_ignore_ascii_case(token))
 }
 
 #[cfg(test)]

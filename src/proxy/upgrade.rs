@@ -9,6 +9,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::body::ProxyBody;
+use super::headers;
 use crate::server::Admission;
 
 /// A client's request to switch protocols.
@@ -24,7 +25,7 @@ pub struct Requested {
 /// `Upgrade` and `Connection: upgrade`. Its connection is then taken over
 /// once the upstream agrees.
 pub fn requested(parts: &mut request::Parts) -> Option<Requested> {
-    if parts.version != Version::HTTP_11 || !names_upgrade(&parts.headers) {
+    if parts.version != Version::HTTP_11 || !headers::connection_lists(&parts.headers, "upgrade") {
         return None;
     }
     let protocol = parts.headers.get(UPGRADE)?.clone();
@@ -92,11 +93,10 @@ where
     }
 }
 
-fn names_upgrade(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|list| list.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+/// Lets an upgrade of `request` keep the client connection's place under
+/// the connection cap (see [`Requested`]); only upgrade requests carry it.
+pub fn keep_place<B>(request: &mut http::Request<B>, admission: &Admission) {
+    if request.headers().contains_key(UPGRADE) {
+        request.extensions_mut().insert(admission.clone());
+    }
 }
