@@ -20,8 +20,8 @@ const MAX_REQUEST_ID: usize = 128;
 /// The `tracing` target of access lines, to filter them (`RUST_LOG=access=off`).
 pub const TARGET: &str = "access";
 
-/// What the request path learnt of a request, for its access line; put in
-/// the response's extensions by the proxy.
+/// What the request path learnt of a request, for its access line, filled
+/// in by the proxy as the request goes.
 #[derive(Clone, Debug, Default)]
 pub struct Note {
     /// The account that served it.
@@ -104,6 +104,7 @@ impl AccessLog {
         &self,
         pending: Pending,
         mut response: Response<ProxyBody>,
+        note: Note,
     ) -> Response<ProxyBody> {
         response
             .headers_mut()
@@ -111,10 +112,6 @@ impl AccessLog {
         if !self.enabled {
             return response;
         }
-        let note = response
-            .extensions_mut()
-            .remove::<Note>()
-            .unwrap_or_default();
         let line = Line {
             status: response.status().as_u16(),
             pending,

@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::LazyConfigAcceptor;
 
-use crate::access::AccessLog;
+use crate::access::{AccessLog, Note};
 use crate::ca::CertificateAuthority;
 use crate::metrics::{ConnectOutcome, Metrics};
 use crate::proxy::body::ProxyBody;
@@ -23,7 +23,7 @@ use crate::proxy::error::ProxyError;
 use crate::proxy::pool::Affinity;
 use crate::proxy::upgrade;
 use crate::proxy::upstream::Upstream;
-use crate::proxy::{ProxyService, Via};
+use crate::proxy::{refused_unrouted, ProxyService, Via};
 use crate::server::{Admission, Handler, Server};
 
 /// Forward mode was asked for without its CA.
@@ -174,6 +174,7 @@ impl Interceptor {
         &self,
         tunnel: &Intercepted,
         mut request: Request<Incoming>,
+        note: &mut Note,
     ) -> Response<ProxyBody> {
         upgrade::keep_place(&mut request, &tunnel.admission);
         let checked = if request.method() == http::Method::CONNECT {
@@ -184,7 +185,7 @@ impl Interceptor {
             names_tunnel_host(&request, tunnel)
         };
         if let Err(error) = checked {
-            return super::refused(self.proxy.metrics(), error);
+            return refused_unrouted(self.proxy.metrics(), error);
         }
         self.proxy
             .handle(
@@ -194,6 +195,7 @@ impl Interceptor {
                     upstream: &tunnel.upstream,
                     proxy_user: tunnel.proxy_user.as_deref(),
                 },
+                note,
             )
             .await
     }
@@ -244,7 +246,8 @@ impl Handler for Interceptor {
         mut request: Request<Incoming>,
     ) -> Response<ProxyBody> {
         let pending = self.access.start(&mut request);
-        let response = self.answer(connection, request).await;
-        self.access.finish(pending, response)
+        let mut note = Note::default();
+        let response = self.answer(connection, request, &mut note).await;
+        self.access.finish(pending, response, note)
     }
 }

@@ -19,16 +19,16 @@ use hyper::body::Incoming;
 
 use self::gate::ClientKey;
 use self::intercept::Interceptor;
-use crate::access::AccessLog;
+use crate::access::{AccessLog, Note};
 use crate::config::{ForwardSettings, OtherHosts, Settings, UpstreamUrl};
-use crate::metrics::{ConnectOutcome, Metrics};
+use crate::metrics::ConnectOutcome;
 use crate::outbound::ConnectTo;
 use crate::proxy::body::ProxyBody;
 use crate::proxy::error::ProxyError;
 use crate::proxy::pool::Affinity;
 use crate::proxy::upgrade;
 use crate::proxy::upstream::{Pools, Upstream};
-use crate::proxy::{ProxyService, Via};
+use crate::proxy::{refused_unrouted, ProxyService, Via};
 use crate::server::{Accepting, Admission, Handler, Server};
 
 /// The only port of an inject host the token goes to.
@@ -138,6 +138,7 @@ impl Forwarder {
         proxy: &ProxyService,
         affinity: &Affinity,
         request: Request<Incoming>,
+        note: &mut Note,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let uri = request.uri();
         let authority = uri.authority().cloned().expect("checked by the caller");
@@ -154,7 +155,7 @@ impl Forwarder {
                 upstream: &upstream,
                 proxy_user: proxy_user.as_deref(),
             };
-            return Ok(proxy.handle(affinity, request, via).await);
+            return Ok(proxy.handle(affinity, request, via, note).await);
         }
         match self.policy.other_hosts {
             OtherHosts::Deny => Err(ProxyError::HostNotAllowed(shown_host(&host))),
@@ -218,7 +219,12 @@ impl FrontDoor {
         self.key.store(key.map(Arc::new));
     }
 
-    async fn answer(&self, client: &Client, mut request: Request<Incoming>) -> Response<ProxyBody> {
+    async fn answer(
+        &self,
+        client: &Client,
+        mut request: Request<Incoming>,
+        note: &mut Note,
+    ) -> Response<ProxyBody> {
         upgrade::keep_place(&mut request, &client.admission);
         if self
             .key
@@ -249,14 +255,15 @@ impl FrontDoor {
         }
         match forward {
             Some(forward) if is_absolute_form(&request) => {
-                match Box::pin(forward.absolute(&self.proxy, &client.affinity, request)).await {
+                let absolute = forward.absolute(&self.proxy, &client.affinity, request, note);
+                match Box::pin(absolute).await {
                     Ok(response) => response,
                     Err(error) => self.refused(error),
                 }
             }
             _ => {
                 self.proxy
-                    .handle(&client.affinity, request, Via::Reverse)
+                    .handle(&client.affinity, request, Via::Reverse, note)
                     .await
             }
         }
@@ -264,17 +271,8 @@ impl FrontDoor {
 
     /// A request answered by the proxy itself, counted and logged.
     fn refused(&self, error: ProxyError) -> Response<ProxyBody> {
-        refused(self.proxy.metrics(), error)
+        refused_unrouted(self.proxy.metrics(), error)
     }
-}
-
-/// A request the front door (or an intercepted tunnel) answers itself,
-/// before any account: logged, and counted under no account.
-fn refused(metrics: &Metrics, error: ProxyError) -> Response<ProxyBody> {
-    tracing::warn!(error = %error, "request refused by the proxy");
-    let response = error.into_response();
-    metrics.count_unrouted_response(response.status());
-    response
 }
 
 /// An HTTP/1 request whose target names a host (`GET http://host/path`);
@@ -312,8 +310,9 @@ impl Handler for FrontDoor {
         mut request: Request<Incoming>,
     ) -> Response<ProxyBody> {
         let pending = self.access.start(&mut request);
-        let response = self.answer(connection, request).await;
-        self.access.finish(pending, response)
+        let mut note = Note::default();
+        let response = self.answer(connection, request, &mut note).await;
+        self.access.finish(pending, response, note)
     }
 }
 
