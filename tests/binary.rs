@@ -209,11 +209,7 @@ async fn trace_logs_hold_no_secret() {
         200
     );
     refresh_tokens.push(standin.refresh_token());
-    running.signal("TERM");
-    let mut running = running;
-    assert!(running.wait_exit().await.success());
-
-    let log = running.log_text();
+    let log = running.stop().await;
     assert!(log.contains(" TRACE "), "trace logging was not on:\n{log}");
     assert!(
         log.contains("h2::"),
@@ -292,10 +288,7 @@ async fn trace_logs_hold_no_secret_in_forward_mode() {
         assert_eq!(response.status(), 200);
         standin.revoke_access_tokens();
     }
-    running.signal("TERM");
-    let mut running = running;
-    assert!(running.wait_exit().await.success());
-    let log = running.log_text();
+    let log = running.stop().await;
     assert!(log.contains(" TRACE "), "trace logging was not on:\n{log}");
     assert!(
         log.contains("rustls::"),
@@ -700,10 +693,7 @@ async fn the_access_log_has_a_line_per_request_and_no_secret_or_query() {
     assert_eq!(second["method"], "POST");
     assert_eq!(second["bytes_in"], 12);
     assert_eq!(second["bytes_out"], 12);
-    running.signal("TERM");
-    let mut running = running;
-    assert!(running.wait_exit().await.success());
-    let log = running.log_text();
+    let log = running.stop().await;
     assert!(
         !log.contains("ann%40example.com") && !log.contains("email="),
         "{log}"
@@ -732,10 +722,8 @@ async fn the_access_log_can_be_turned_off() {
         .unwrap();
     assert_eq!(response.status(), 200);
     assert!(response.headers().contains_key("x-request-id"));
-    running.signal("TERM");
-    let mut running = running;
-    assert!(running.wait_exit().await.success());
-    assert!(!running.log_text().contains("\"target\":\"access\""));
+    let log = running.stop().await;
+    assert!(!log.contains("\"target\":\"access\""));
 }
 
 #[tokio::test]
@@ -766,7 +754,5 @@ async fn a_request_whose_client_leaves_is_logged_as_499() {
         std::future::ready(found)
     })
     .await;
-    running.signal("TERM");
-    let mut running = running;
-    assert!(running.wait_exit().await.success());
+    running.stop().await;
 }

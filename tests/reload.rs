@@ -113,9 +113,7 @@ async fn sighup_adds_and_removes_accounts_and_a_broken_file_changes_nothing() {
         200,
         "a removed account's refresher is no failure"
     );
-    running.signal("TERM");
-    let mut running = running;
-    assert!(running.wait_exit().await.success());
+    running.stop().await;
 }
 
 #[tokio::test]
@@ -182,10 +180,7 @@ async fn a_swapped_secret_mount_and_a_new_client_key_are_taken_without_a_signal(
     })
     .await;
     assert_eq!(get("first-key").await, 407);
-    running.signal("TERM");
-    let mut running = running;
-    assert!(running.wait_exit().await.success());
-    let log = running.log_text();
+    let log = running.stop().await;
     for secret in [
         "rotated-client-secret",
         "the-second-key",

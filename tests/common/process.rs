@@ -98,6 +98,14 @@ impl Running {
         assert!(status.success());
     }
 
+    /// Stops the proxy with SIGTERM, checks that it exits 0, and gives its log.
+    pub async fn stop(mut self) -> String {
+        self.signal("TERM");
+        let status = self.wait_exit().await;
+        assert!(status.success(), "exit {status}:\n{}", self.log_text());
+        self.log_text()
+    }
+
     pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
