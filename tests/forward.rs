@@ -411,3 +411,29 @@ async fn a_websocket_keeps_its_place_under_the_connection_cap() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn connect_to_also_sends_the_token_endpoints_connections() {
+    // The token URL names a host that only a --connect-to rule leads to:
+    // the proxy gets ready only if the token endpoint's client follows it.
+    let f = start(|options, _| {
+        let token_url = options.token_url.take().unwrap();
+        let port = token_url
+            .rsplit(':')
+            .next()
+            .and_then(|rest| rest.split('/').next())
+            .unwrap()
+            .to_owned();
+        options.token_url = Some(token_url.replace("localhost", "auth.example"));
+        let rules = options.connect_to.take().unwrap();
+        options.connect_to = Some(format!("{rules},auth.example:{port}:127.0.0.1:{port}"));
+    })
+    .await;
+    assert!(f.goto.token_requests() >= 1);
+    let response = common::client()
+        .get(f.proxy.url("/G2M/rest/meetings"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}

@@ -45,7 +45,7 @@ pub async fn start(adjust: impl FnOnce(&mut RunOptions, &Path)) -> Forward {
     let goto_pki = Pki::server(
         dir.path(),
         "goto",
-        &["api.getgo.com", "api.goto.com", "localhost"],
+        &["api.getgo.com", "api.goto.com", "localhost", "auth.example"],
     );
     let other_pki = Pki::server(dir.path(), "other", &[OTHER_HOST]);
     let goto = StandIn::start(StandInOptions {
