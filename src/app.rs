@@ -28,7 +28,7 @@ use crate::reload::{Cause, Reload, Watched};
 use crate::server::{serve, Server, ServerOptions};
 use crate::shutdown::ShutdownSignal;
 use crate::shutdown::ShutdownTrigger;
-use crate::store::{StateStore, StoreError};
+use crate::store::{StateStore, StoreError, Stores};
 use crate::supervisor::{Exit, Health, Supervisor};
 use crate::tls::TlsError;
 use crate::token::endpoint::unix_now;
@@ -50,6 +50,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("--store: {0}")]
+    StoreSetup(String),
     #[error(
         "no refresh token: the state file {0} holds none and no bootstrap token is given; \
          run `goto-auth-proxy login`, or set --refresh-token-file / GOTO_REFRESH_TOKEN (or GOTO_PAT)"
@@ -161,6 +163,7 @@ struct Serving {
     proxy: Arc<ProxyService>,
     front: Arc<FrontDoor>,
     pools: Arc<Pools>,
+    stores: Arc<Stores>,
     metrics: Arc<Metrics>,
 }
 
@@ -181,10 +184,11 @@ pub async fn run_with_reload(
         },
         metrics.clone(),
     )?);
+    let stores = Arc::new(Stores::new(&settings).map_err(StartError::StoreSetup)?);
     let mut supervisor = Supervisor::new(health.clone());
     let mut accounts = BTreeMap::new();
     for account in &settings.accounts {
-        let started = start_account(&settings, account, &pools, &metrics).await?;
+        let started = start_account(&settings, account, &pools, &stores, &metrics).await?;
         accounts.insert(
             account.name.clone(),
             spawn_refresher(&mut supervisor, started),
@@ -252,6 +256,7 @@ pub async fn run_with_reload(
         proxy,
         front,
         pools,
+        stores,
         metrics,
     };
     let mut drained = false;
@@ -361,7 +366,9 @@ impl Serving {
             .iter()
             .filter(|a| !self.accounts.contains_key(&a.name))
         {
-            started.push(start_account(&new, account, &self.pools, &self.metrics).await?);
+            started.push(
+                start_account(&new, account, &self.pools, &self.stores, &self.metrics).await?,
+            );
         }
         let mut updates = Vec::new();
         for account in &new.accounts {
@@ -487,6 +494,10 @@ fn warn_of_restart_settings(old: &Settings, new: &Settings) {
                 || old.forward.other_hosts != new.forward.other_hosts,
         ),
         ("connect_to", old.connect_to != new.connect_to),
+        (
+            "store/store_password_file/store_key_file",
+            !old.store.same_as(&new.store),
+        ),
     ];
     for (setting, _) in changed.iter().filter(|(_, changed)| *changed) {
         tracing::warn!(setting, "changed: it takes effect after a restart");
@@ -536,16 +547,17 @@ async fn start_account(
     settings: &Settings,
     account: &AccountSettings,
     pools: &Pools,
+    stores: &Stores,
     metrics: &Arc<Metrics>,
 ) -> Result<Started, StartError> {
-    let store = crate::store::open(&account.state_file);
+    let account_metrics = metrics.account(&account.name);
+    let store = stores.open(account, account_metrics.clone());
     let (credential, version) = initial_credential(account, store.as_ref()).await?;
     let persist = match credential {
         Credential::Pat(_) => None,
         Credential::RefreshToken { .. } => Some((store, version)),
     };
     let tokens = Arc::new(TokenSource::new());
-    let account_metrics = metrics.account(&account.name);
     let endpoint = SharedEndpoint::new(account.token_endpoint(settings)?);
     let refresher = Refresher::new(
         endpoint.clone(),

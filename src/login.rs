@@ -66,6 +66,8 @@ pub enum LoginError {
     Client(#[from] reqwest::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("--store: {0}")]
+    StoreSetup(String),
     #[error("no account {0} is configured; name one the configuration declares with --account")]
     UnknownAccount(String),
 }
@@ -137,10 +139,12 @@ pub async fn login(
         refresh_token_first_seen: Some(now),
         principal: grant.principal,
         access_token: Some(grant.access_token),
-        access_token_expires_at: Some(now + grant.lifetime.as_secs()),
+        access_token_expires_at: Some(std::time::SystemTime::now() + grant.lifetime),
         updated_at: now,
     };
-    let store = crate::store::open(&account.state_file);
+    let stores = crate::store::Stores::new(settings).map_err(LoginError::StoreSetup)?;
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+    let store = stores.open(account, metrics.account(&account.name));
     save_over_whatever_is_stored(store.as_ref(), &persisted).await?;
     println!(
         "\nSigned in as {}. The refresh token is saved in {} (mode 0600);\n`goto-auth-proxy run` starts from it, and a running proxy picks it up on its own.",

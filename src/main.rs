@@ -226,8 +226,16 @@ fn run(args: RunArgs) -> ExitCode {
 /// `run --check`: the settings are valid and every account has a credential at hand.
 async fn check(settings: &Settings) -> ExitCode {
     let mut credentials = Vec::with_capacity(settings.accounts.len());
+    let stores = match goto_auth_proxy::store::Stores::new(settings) {
+        Ok(stores) => stores,
+        Err(error) => {
+            eprintln!("goto-auth-proxy: --store: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let metrics = std::sync::Arc::new(goto_auth_proxy::metrics::Metrics::new());
     for account in &settings.accounts {
-        let store = goto_auth_proxy::store::open(&account.state_file);
+        let store = stores.open(account, metrics.account(&account.name));
         match app::initial_credential(account, store.as_ref()).await {
             Ok((credential, _)) => credentials.push((&account.name, credential.describe())),
             Err(error) => {

@@ -31,6 +31,12 @@ struct AccountResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AccountOperationLabel {
+    account: String,
+    operation: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
 }
@@ -69,6 +75,9 @@ impl ConnectOutcome {
     }
 }
 
+/// The operations `goto_proxy_store_errors_total` counts failures of.
+pub const STORE_OPERATIONS: [&str; 6] = ["load", "save", "lease", "release", "renew", "watch"];
+
 /// The `account` label of what no account answered (a request with no
 /// route, a refusal at the front door).
 pub const NO_ACCOUNT: &str = "";
@@ -99,6 +108,9 @@ pub struct Metrics {
     connections_refused: Family<ListenerLabel, Counter>,
     forward_connects: Family<OutcomeLabel, Counter>,
     reloads: Family<ResultLabel, Counter>,
+    store_errors: Family<AccountOperationLabel, Counter>,
+    store_leader: Family<AccountLabel, Gauge>,
+    refreshes_alone: Family<AccountLabel, Counter>,
     /// The unrouted answers' counters, resolved once.
     unrouted: [Counter; 6],
 }
@@ -116,6 +128,8 @@ pub struct AccountMetrics {
     rate_shed: Counter,
     rate_wait: Histogram,
     throttled: Counter,
+    store_leader: Gauge,
+    refreshes_alone: Counter,
     metrics: Arc<Metrics>,
 }
 
@@ -263,6 +277,24 @@ impl Metrics {
             "Reloads of the configuration and secrets, by signal or by watch, by result",
             reloads.clone(),
         );
+        let store_errors = Family::<AccountOperationLabel, Counter>::default();
+        registry.register(
+            "goto_proxy_store_errors",
+            "Failed operations on the shared token store (Redis), by account and operation",
+            store_errors.clone(),
+        );
+        let store_leader = Family::<AccountLabel, Gauge>::default();
+        registry.register(
+            "goto_proxy_store_leader",
+            "1 while this replica holds the account's refresh lease in the shared store, else 0",
+            store_leader.clone(),
+        );
+        let refreshes_alone = Family::<AccountLabel, Counter>::default();
+        registry.register(
+            "goto_proxy_store_refreshes_alone",
+            "Token refreshes done without the shared store's lease, because it could not be reached",
+            refreshes_alone.clone(),
+        );
         let unrouted = class_counters(&requests, NO_ACCOUNT);
         Self {
             registry,
@@ -282,6 +314,9 @@ impl Metrics {
             connections_refused,
             forward_connects,
             reloads,
+            store_errors,
+            store_leader,
+            refreshes_alone,
             unrouted,
         }
     }
@@ -305,6 +340,8 @@ impl Metrics {
             rate_shed: self.rate_shed.get_or_create(&label).clone(),
             rate_wait: self.rate_wait.get_or_create(&label).clone(),
             throttled: self.throttled.get_or_create(&label).clone(),
+            store_leader: self.store_leader.get_or_create(&label).clone(),
+            refreshes_alone: self.refreshes_alone.get_or_create(&label).clone(),
             metrics: self.clone(),
         }
     }
@@ -330,6 +367,14 @@ impl Metrics {
         self.rate_shed.remove(&label);
         self.rate_wait.remove(&label);
         self.throttled.remove(&label);
+        self.store_leader.remove(&label);
+        self.refreshes_alone.remove(&label);
+        for operation in STORE_OPERATIONS {
+            self.store_errors.remove(&AccountOperationLabel {
+                account: account.to_owned(),
+                operation,
+            });
+        }
         let results = crate::token::endpoint::EndpointError::KINDS;
         for result in results.into_iter().chain(["success"]) {
             self.refreshes.remove(&AccountResultLabel {
@@ -465,6 +510,29 @@ impl AccountMetrics {
     /// Counts a 429 from upstream.
     pub fn count_throttled(&self) {
         self.throttled.inc();
+    }
+
+    /// Counts a failed operation on the shared store; `operation` is one
+    /// of [`STORE_OPERATIONS`].
+    pub fn count_store_error(&self, operation: &'static str) {
+        debug_assert!(STORE_OPERATIONS.contains(&operation));
+        self.metrics
+            .store_errors
+            .get_or_create(&AccountOperationLabel {
+                account: self.account.to_string(),
+                operation,
+            })
+            .inc();
+    }
+
+    /// Records whether this replica holds the refresh lease.
+    pub fn set_store_leader(&self, leader: bool) {
+        self.store_leader.set(i64::from(leader));
+    }
+
+    /// Counts a refresh done without the shared store's lease.
+    pub fn count_refresh_alone(&self) {
+        self.refreshes_alone.inc();
     }
 
     /// The registry these handles belong to.

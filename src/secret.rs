@@ -61,23 +61,29 @@ pub fn load_secret(
         (Some(_), Some(_)) => return Err(SecretError::Ambiguous { file_setting, env }),
         (None, None) => return Ok(None),
         (None, Some(value)) => (value, SecretOrigin::Env(env)),
-        (Some(path), None) => {
-            let value =
-                std::fs::read_to_string(path).map_err(|source| SecretError::Unreadable {
-                    path: path.to_owned(),
-                    source,
-                })?;
-            (value, SecretOrigin::File(path.to_owned()))
-        }
+        (Some(path), None) => return load_secret_file(path).map(Some),
     };
+    checked(value, origin).map(Some)
+}
+
+/// Loads a secret from the file at `path`, which has no inline alternative.
+pub fn load_secret_file(path: &Path) -> Result<LoadedSecret, SecretError> {
+    let value = std::fs::read_to_string(path).map_err(|source| SecretError::Unreadable {
+        path: path.to_owned(),
+        source,
+    })?;
+    checked(value, SecretOrigin::File(path.to_owned()))
+}
+
+fn checked(value: String, origin: SecretOrigin) -> Result<LoadedSecret, SecretError> {
     let value = without_line_ending(value);
     if value.is_empty() {
         return Err(SecretError::Empty { origin });
     }
-    Ok(Some(LoadedSecret {
+    Ok(LoadedSecret {
         value: SecretString::from(value),
         origin,
-    }))
+    })
 }
 
 /// A trailing newline (as editors and `echo` add) is not part of a secret.

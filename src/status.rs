@@ -57,7 +57,7 @@ pub fn report(
         "principal:      {}",
         state.principal.as_deref().unwrap_or("(unknown)")
     );
-    match state.access_token_expires_at.map(unix_to_time) {
+    match state.access_token_expires_at {
         Some(expires) => {
             let _ = writeln!(text, "access token:   {}", describe_expiry(expires, now));
         }
@@ -134,7 +134,7 @@ mod tests {
             refresh_token_first_seen: Some(now - first_seen_days_ago * DAY),
             principal: Some("ann@example.com".into()),
             access_token: None,
-            access_token_expires_at: Some(now + 1800),
+            access_token_expires_at: Some(unix_to_time(now + 1800)),
             updated_at: now,
         }
     }

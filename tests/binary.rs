@@ -419,7 +419,9 @@ fn write_state(path: &std::path::Path, refresh_token: &str, days_old: u64) {
             refresh_token_first_seen: Some(now - days_old * 86_400),
             principal: Some("ann@example.com".into()),
             access_token: None,
-            access_token_expires_at: Some(now + 1200),
+            access_token_expires_at: Some(
+                std::time::SystemTime::now() + std::time::Duration::from_secs(1200),
+            ),
             updated_at: now,
         })
         .unwrap();

@@ -5,6 +5,7 @@
 
 pub mod options;
 pub mod parse;
+pub mod store;
 mod validate;
 
 use std::net::SocketAddr;
@@ -14,8 +15,9 @@ use std::time::Duration;
 
 use serde::{Serialize, Serializer};
 
-pub use self::options::{AccountTable, RunOptions};
+pub use self::options::{AccountTable, RunOptions, StoreUrl};
 pub use self::parse::{default_state_file, is_loopback_host, named_state_file};
+pub use self::store::{StoreKind, StoreSettings};
 use crate::ca::CertificateAuthority;
 use crate::outbound::ConnectTo;
 use crate::proxy::allow::RequestRules;
@@ -170,6 +172,9 @@ pub struct Settings {
     pub extra_roots_pem: Option<Vec<u8>>,
     /// The accounts; today one, `default`.
     pub accounts: Vec<AccountSettings>,
+    /// Where token state is shared.
+    #[serde(flatten)]
+    pub store: StoreSettings,
     /// Refresh when less than this is left.
     #[serde(serialize_with = "duration")]
     pub refresh_margin: Duration,

@@ -114,6 +114,17 @@ layered_options! {
         /// else $XDG_STATE_HOME/goto-auth-proxy/state.json, else ~/.local/state/goto-auth-proxy/state.json]
         #[arg(long, env = "GOTO_STATE_FILE", value_name = "PATH")]
         pub state_file: Option<PathBuf>,
+        /// Where token state is shared: `file` (the state file alone), or Redis
+        /// (`redis://[user[:password]@]host:port[/db]`, `rediss://` for TLS) [default: file]
+        #[arg(long, env = "GOTO_STORE", value_name = "STORE")]
+        pub store: Option<StoreUrl>,
+        /// File holding the Redis password, instead of the URL's
+        #[arg(long, env = "GOTO_STORE_PASSWORD_FILE", value_name = "PATH")]
+        pub store_password_file: Option<PathBuf>,
+        /// File holding the key (32 raw bytes, or 64 hex characters a line) that
+        /// seals tokens in Redis; a replica without it cannot read them
+        #[arg(long, env = "GOTO_STORE_KEY_FILE", value_name = "PATH")]
+        pub store_key_file: Option<PathBuf>,
         /// Refresh when less than this is left, or half the lifetime if smaller [default: 300s]
         #[arg(long, env = "GOTO_REFRESH_MARGIN", value_name = "DURATION")]
         pub refresh_margin: Option<String>,
@@ -167,6 +178,26 @@ layered_options! {
         /// Further accounts: `[accounts.NAME]` tables, from the TOML file only.
         #[arg(skip)]
         pub accounts: Option<BTreeMap<String, AccountTable>>,
+    }
+}
+
+/// The value of `--store`, which may carry a password: its `Debug` shows
+/// none.
+#[derive(Deserialize, Clone, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct StoreUrl(pub String);
+
+impl std::fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&super::store::without_password(&self.0))
+    }
+}
+
+impl std::str::FromStr for StoreUrl {
+    type Err = std::convert::Infallible;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        Ok(Self(value.to_owned()))
     }
 }
 

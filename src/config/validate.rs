@@ -32,6 +32,11 @@ impl RunOptions {
             .map(parse::ca_file)
             .transpose()?;
         let accounts = self.resolve_accounts(lookup_env)?;
+        let store = StoreSettings::resolve(
+            self.store.as_ref().map(|url| url.0.as_str()),
+            self.store_password_file.take(),
+            self.store_key_file.take(),
+        )?;
         let connect_to = match &self.connect_to {
             Some(rules) => {
                 ConnectTo::parse(rules).map_err(|e| ConfigError::new("--connect-to", e))?
@@ -50,6 +55,7 @@ impl RunOptions {
             upstream_ca_file,
             extra_roots_pem,
             accounts,
+            store,
             refresh_margin: parse::duration(
                 "--refresh-margin",
                 self.refresh_margin,

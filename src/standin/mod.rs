@@ -111,6 +111,8 @@ struct State {
     /// The next API requests answered 429, and the `Retry-After` they carry.
     throttle: Option<(u32, Option<u64>)>,
     token_request_times: Vec<Instant>,
+    /// When access token number N was issued, at index N - 1.
+    token_issue_times: Vec<Instant>,
     codes: HashMap<String, PendingCode>,
     recorded: VecDeque<RecordedRequest>,
 }
@@ -201,6 +203,7 @@ impl StandIn {
                 refuse_all: false,
                 throttle: None,
                 token_request_times: Vec::new(),
+                token_issue_times: Vec::new(),
                 codes: HashMap::new(),
                 recorded: VecDeque::new(),
             }),
@@ -347,6 +350,11 @@ impl StandIn {
     /// When each token request arrived, oldest first.
     pub fn token_request_times(&self) -> Vec<Instant> {
         self.state().token_request_times.clone()
+    }
+
+    /// When each access token was issued: token number N at index N - 1.
+    pub fn token_issue_times(&self) -> Vec<Instant> {
+        self.state().token_issue_times.clone()
     }
 
     /// API requests refused for their token so far.

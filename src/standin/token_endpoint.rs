@@ -144,6 +144,7 @@ fn redeem_code(
 /// Issues an access token (and, when due or asked, the refresh token).
 fn issue(shared: &Shared, state: &mut State, send_refresh_token: bool) -> serde_json::Value {
     let number = shared.counters.tokens_issued.fetch_add(1, Ordering::SeqCst) + 1;
+    state.token_issue_times.push(Instant::now());
     let lifetime = state.shape.lifetime;
     let access_token = jwt_like(number, lifetime);
     state.issued.insert(

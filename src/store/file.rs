@@ -40,7 +40,9 @@ fn parse_versioned(bytes: &[u8]) -> Result<Versioned, (usize, usize)> {
             refresh_token_first_seen: file.refresh_token_first_seen,
             principal: file.principal,
             access_token: None,
-            access_token_expires_at: file.access_token_expires_at,
+            access_token_expires_at: file
+                .access_token_expires_at
+                .map(|at| std::time::UNIX_EPOCH + Duration::from_secs(at)),
             updated_at: file.updated_at,
         },
     })
@@ -151,6 +153,17 @@ impl FileStore {
         })
     }
 
+    /// Writes `state` as `version`, whatever is stored: the local copy of
+    /// a state whose version a shared store keeps.
+    pub fn put_blocking(&self, state: &PersistedState, version: u64) -> Result<(), StoreError> {
+        self.locked(|| self.write(state, version))
+            .map(|_| ())
+            .map_err(|source| StoreError::Write {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
     /// The compare-and-set of [`StateStore::save`], on the calling thread.
     fn save_if_blocking(&self, state: &PersistedState, based_on: u64) -> Result<u64, SaveError> {
         let outcome = self.locked(|| match self.load_versioned_blocking() {
@@ -158,6 +171,7 @@ impl FileStore {
             // A corrupt file is replaced: the state in hand is the good one.
             Ok(_) | Err(StoreError::Corrupt { .. }) => self.write(state, based_on + 1).map(Ok),
             Err(StoreError::Read { source, .. } | StoreError::Write { source, .. }) => Err(source),
+            Err(other) => Err(io::Error::other(other.to_string())),
         });
         match outcome {
             Ok(Ok(version)) => Ok(version),
@@ -198,7 +212,10 @@ impl FileStore {
                 .map(|t| t.expose_secret().to_owned()),
             refresh_token_first_seen: state.refresh_token_first_seen,
             principal: state.principal.clone(),
-            access_token_expires_at: state.access_token_expires_at,
+            access_token_expires_at: state
+                .access_token_expires_at
+                .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|at| at.as_secs()),
             updated_at: state.updated_at,
             version,
         };
@@ -266,7 +283,7 @@ impl StateStore for FileStore {
 
     fn lease(&self) -> BoxFuture<'_, Result<LeaseGrant, StoreError>> {
         // One process refreshes each state file; writers are serialised by the lock.
-        Box::pin(std::future::ready(Ok(LeaseGrant::Held(Lease { fence: 0 }))))
+        Box::pin(std::future::ready(Ok(LeaseGrant::Held(Lease::granted(0)))))
     }
 
     fn release(&self, _lease: Lease) -> BoxFuture<'_, ()> {
@@ -353,7 +370,7 @@ mod tests {
             refresh_token_first_seen: Some(10),
             principal: Some("ann@example.com".into()),
             access_token: None,
-            access_token_expires_at: Some(20),
+            access_token_expires_at: Some(std::time::UNIX_EPOCH + Duration::from_secs(20)),
             updated_at: 30,
         }
     }

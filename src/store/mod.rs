@@ -10,6 +10,8 @@
 //! file's directory, and a lease that is always granted.
 
 pub mod file;
+pub mod redis;
+pub mod seal;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -35,8 +37,10 @@ pub struct PersistedState {
     /// read it from. The file store never writes it: the file is one
     /// process's, and an access token on disk is one more secret at rest.
     pub access_token: Option<SecretString>,
-    /// When the last access token obtained runs out.
-    pub access_token_expires_at: Option<u64>,
+    /// When the last access token obtained runs out (kept to the
+    /// millisecond where the store can, so that replicas reading it plan
+    /// their refreshes alike).
+    pub access_token_expires_at: Option<std::time::SystemTime>,
     /// When the state was written.
     pub updated_at: u64,
 }
@@ -56,6 +60,51 @@ pub struct Lease {
     /// A number that grows with every lease granted; a store that checks it
     /// refuses a write fenced by an older one.
     pub fence: u64,
+    /// Taken without the store's agreement, because the store could not be
+    /// asked: what is saved under it stays local until the store is back.
+    alone: bool,
+    /// Keeps a shared store's lease alive while it is held; dropping it stops that.
+    renewal: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Lease {
+    /// A lease the store granted, fenced by `fence`.
+    pub fn granted(fence: u64) -> Self {
+        Self {
+            fence,
+            alone: false,
+            renewal: None,
+        }
+    }
+
+    /// The right a process takes on its own to refresh when the store
+    /// cannot be reached and its token is about to run out.
+    pub fn alone() -> Self {
+        Self {
+            fence: 0,
+            alone: true,
+            renewal: None,
+        }
+    }
+
+    /// Whether this lease was taken without the store.
+    pub fn is_alone(&self) -> bool {
+        self.alone
+    }
+
+    /// This lease, kept alive by `renewal` until it is released or dropped.
+    fn renewed_by(mut self, renewal: tokio::task::JoinHandle<()>) -> Self {
+        self.renewal = Some(renewal);
+        self
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(renewal) = &self.renewal {
+            renewal.abort();
+        }
+    }
 }
 
 /// Who may refresh now.
@@ -86,6 +135,12 @@ pub enum StoreError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    /// The shared store could not be reached or did not answer in time.
+    #[error("the token store {location} is unavailable: {reason}")]
+    Unavailable { location: String, reason: String },
+    /// The shared store holds a record this process cannot read.
+    #[error("the token store {location} holds a record this replica cannot read: {reason}")]
+    Unreadable { location: String, reason: String },
 }
 
 /// Why a save did not happen.
@@ -129,10 +184,59 @@ pub trait StateStore: Send + Sync + 'static {
     fn location(&self) -> String;
 }
 
-/// The store of an account whose state file is `state_file`: today that
-/// file, cleaned of what an interrupted write left behind.
+/// Opens each account's store of the kind `--store` names.
+#[derive(Debug)]
+pub struct Stores {
+    redis: Option<self::redis::RedisServer>,
+}
+
+impl Stores {
+    /// The stores of `settings`; a Redis server is connected to on first use.
+    pub fn new(settings: &crate::config::Settings) -> Result<Self, String> {
+        let redis = match &settings.store.kind {
+            crate::config::StoreKind::File => None,
+            crate::config::StoreKind::Redis { url, location } => {
+                Some(self::redis::RedisServer::new(self::redis::RedisOptions {
+                    url,
+                    location,
+                    password: settings.store.password.as_ref().map(|p| &p.value),
+                    extra_roots_pem: settings.extra_roots_pem.as_deref(),
+                    keyring: settings.store.keyring(),
+                })?)
+            }
+        };
+        Ok(Self { redis })
+    }
+
+    /// The store of `account`: its state file, or its state in Redis with
+    /// the state file as this replica's copy.
+    pub fn open(
+        &self,
+        account: &crate::config::AccountSettings,
+        metrics: crate::metrics::AccountMetrics,
+    ) -> Arc<dyn StateStore> {
+        let Some(redis) = &self.redis else {
+            return open(&account.state_file);
+        };
+        clean_up_beside(&FileStore::new(&account.state_file));
+        Arc::new(redis.store(
+            &account.client.id,
+            account.token_url.as_str(),
+            &account.state_file,
+            metrics,
+        ))
+    }
+}
+
+/// The store of an account whose state file is `state_file`: that file,
+/// cleaned of what an interrupted write left behind.
 pub fn open(state_file: &std::path::Path) -> Arc<dyn StateStore> {
     let store = FileStore::new(state_file);
+    clean_up_beside(&store);
+    Arc::new(store)
+}
+
+fn clean_up_beside(store: &FileStore) {
     match store.remove_leftovers() {
         Ok(0) => {}
         Ok(count) => tracing::info!(
@@ -141,5 +245,4 @@ pub fn open(state_file: &std::path::Path) -> Arc<dyn StateStore> {
         ),
         Err(error) => tracing::warn!(error = %error, "cannot clean up beside the state file"),
     }
-    Arc::new(store)
 }

@@ -305,16 +305,38 @@ impl Refresher {
 
     /// One refresh: take the lease, ask for a token (with the fallbacks a
     /// rejection allows), save, publish, release. When someone else holds
-    /// the lease, wait to hear of the token they store instead.
+    /// the lease, wait to hear of the token they store instead; when the
+    /// lease shows someone stored a token since, take that one.
     async fn refresh(&mut self, after_refusal: bool) -> Result<Duration, Failure> {
         let Some(store) = self.store.clone() else {
             let grant = self.request_with_fallbacks().await?;
             return Ok(self.accept(grant, after_refusal, None).await?);
         };
-        let lease = match store.lease().await.map_err(Failure::Store)? {
-            LeaseGrant::Held(lease) => lease,
-            LeaseGrant::Elsewhere => return self.follow(store.as_ref()).await,
+        let lease = match store.lease().await {
+            Ok(LeaseGrant::Held(lease)) => lease,
+            Ok(LeaseGrant::Elsewhere) => return self.follow(store.as_ref()).await,
+            Err(error) if self.must_refresh_alone(after_refusal) => {
+                tracing::warn!(
+                    error = %error,
+                    store = %store.location(),
+                    "the token store cannot be reached and the access token is about to run out: \
+                     refreshing without the refresh lease; a rotated refresh token is kept in the state file \
+                     and written to the store when it answers again"
+                );
+                self.metrics.count_refresh_alone();
+                Lease::alone()
+            }
+            Err(error) => return Err(Failure::Store(error)),
         };
+        if !lease.is_alone() {
+            if let Some(lifetime) = self
+                .take_stored_instead(store.as_ref(), after_refusal)
+                .await
+            {
+                store.release(lease).await;
+                return Ok(lifetime);
+            }
+        }
         let result = match self.request_with_fallbacks().await {
             Ok(grant) => self
                 .accept(grant, after_refusal, Some(&lease))
@@ -324,6 +346,37 @@ impl Refresher {
         };
         store.release(lease).await;
         result
+    }
+
+    /// Whether to refresh although the store cannot grant the lease: no
+    /// valid token is held, upstream refused it, or less than half of the
+    /// time between the planned refresh and its expiry is left.
+    fn must_refresh_alone(&self, after_refusal: bool) -> bool {
+        let snapshot = self.source.snapshot();
+        let Some(token) = snapshot.token.as_ref().filter(|t| t.is_valid()) else {
+            return true;
+        };
+        let window = self.margin.min(token.lifetime() / 2);
+        let left = token.expires_at().saturating_duration_since(Instant::now());
+        after_refusal || left <= window / 2
+    }
+
+    /// With the lease in hand: when another writer stored a state since this
+    /// refresher last looked (or, before its first token, when the stored
+    /// access token is still good), takes it instead of asking the endpoint,
+    /// and returns the stored token's lifetime left.
+    async fn take_stored_instead(
+        &mut self,
+        store: &dyn StateStore,
+        after_refusal: bool,
+    ) -> Option<Duration> {
+        let stored = store.load().await.ok()??;
+        let newer = stored.version > self.version;
+        let first = self.source.snapshot().generation == 0;
+        if !newer && (!first || after_refusal) {
+            return None;
+        }
+        self.adopt(stored).access_token_lifetime
     }
 
     /// Another process is refreshing: waits, up to [`FOLLOW_WAIT`], for the
@@ -360,9 +413,8 @@ impl Refresher {
         }
         let access_token_lifetime = state
             .access_token_expires_at
-            .and_then(|at| at.checked_sub(unix_now()))
-            .filter(|left| *left > 0)
-            .map(Duration::from_secs)
+            .and_then(|at| at.duration_since(std::time::SystemTime::now()).ok())
+            .filter(|left| !left.is_zero())
             .zip(state.access_token)
             .and_then(|(lifetime, token)| {
                 let token = AccessToken::new(&token, lifetime).ok()?;
@@ -532,11 +584,7 @@ impl Refresher {
             refresh_token_first_seen: Some(*since),
             principal: self.principal.as_deref().map(str::to_owned),
             access_token: Some(access_token.clone()),
-            access_token_expires_at: token
-                .expires_at_wall()
-                .duration_since(std::time::UNIX_EPOCH)
-                .ok()
-                .map(|d| d.as_secs()),
+            access_token_expires_at: Some(token.expires_at_wall()),
             updated_at: unix_now(),
         });
         self.write_unsaved(lease).await;
@@ -743,6 +791,8 @@ mod tests {
             answers: Mutex<VecDeque<Answer>>,
             /// When each request came, and the refresh token it presented.
             seen: Mutex<Vec<(Instant, String)>>,
+            /// What another writer does while the next request is under way.
+            meanwhile: Mutex<Option<Box<dyn FnOnce() + Send>>>,
         }
 
         impl FakeEndpoint {
@@ -750,7 +800,13 @@ mod tests {
                 Arc::new(Self {
                     answers: Mutex::new(answers.into_iter().collect()),
                     seen: Mutex::default(),
+                    meanwhile: Mutex::default(),
                 })
+            }
+
+            /// Runs `work` during the next token request.
+            fn meanwhile(&self, work: impl FnOnce() + Send + 'static) {
+                *self.meanwhile.lock().unwrap() = Some(Box::new(work));
             }
 
             fn seen(&self) -> Vec<(Instant, String)> {
@@ -768,6 +824,9 @@ mod tests {
                     _ => String::new(),
                 };
                 self.seen.lock().unwrap().push((Instant::now(), presented));
+                if let Some(work) = self.meanwhile.lock().unwrap().take() {
+                    work();
+                }
                 let answer = self.answers.lock().unwrap().pop_front();
                 let result = match answer.unwrap_or(Answer::Token {
                     lifetime: 60,
@@ -869,7 +928,7 @@ mod tests {
                 let grant = if self.lease_elsewhere.load(Ordering::Relaxed) {
                     LeaseGrant::Elsewhere
                 } else {
-                    LeaseGrant::Held(Lease { fence: 1 })
+                    LeaseGrant::Held(Lease::granted(1))
                 };
                 Box::pin(std::future::ready(Ok(grant)))
             }
@@ -1015,12 +1074,16 @@ mod tests {
             let endpoint = FakeEndpoint::script([Answer::Rejected]);
             let store = MemoryStore::new();
             store.put(stored("rt-stale"));
+            let writer = store.clone();
+            endpoint.meanwhile(move || {
+                writer.stored.lock().unwrap().as_mut().unwrap().state =
+                    stored("rt-rotated-elsewhere");
+            });
             let running = start(
                 &endpoint,
                 refresh_token("rt-stale", Some("rt-bootstrap")),
                 &store,
             );
-            store.stored.lock().unwrap().as_mut().unwrap().state = stored("rt-rotated-elsewhere");
             sleep(Duration::from_secs(1)).await;
             assert!(running.source.is_ready());
             let presented: Vec<_> = endpoint.seen().into_iter().map(|(_, t)| t).collect();
@@ -1037,7 +1100,9 @@ mod tests {
             assert!(!running.source.is_ready());
             store.put(PersistedState {
                 access_token: Some(SecretString::from("at-of-the-leader")),
-                access_token_expires_at: Some(unix_now() + 600),
+                access_token_expires_at: Some(
+                    std::time::SystemTime::now() + Duration::from_secs(600),
+                ),
                 ..stored("rt-of-the-leader")
             });
             sleep(Duration::from_millis(10)).await;
@@ -1053,9 +1118,10 @@ mod tests {
                 rotate_to: Some("rt-mine"),
             }]);
             let store = MemoryStore::new();
+            // Someone stores a newer state while the refresher's first request is under way.
+            let writer = store.clone();
+            endpoint.meanwhile(move || writer.put(stored("rt-theirs")));
             let running = start(&endpoint, refresh_token("rt-1", None), &store);
-            // Someone stores a newer state before the refresher's first save.
-            store.put(stored("rt-theirs"));
             sleep(Duration::from_secs(1)).await;
             assert!(running.source.is_ready());
             assert_eq!(store.refresh_token().as_deref(), Some("rt-theirs"));

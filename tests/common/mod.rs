@@ -6,6 +6,7 @@
 pub mod forward;
 pub mod pki;
 pub mod process;
+pub mod redis;
 
 use std::future::Future;
 use std::net::SocketAddr;
