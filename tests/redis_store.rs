@@ -282,7 +282,10 @@ async fn a_state_saved_while_redis_is_away_is_written_back_when_it_returns() {
         )
         .await
         .unwrap();
-    assert_eq!(saved, version + 1);
+    assert_eq!(
+        saved, version,
+        "Redis gives the version when the state is written back"
+    );
     // The replica reads its own newest state while Redis is away.
     let local = away.store.load().await.unwrap().unwrap();
     assert_eq!(refresh_token_of(&local.state), "rt-rotated-alone");
@@ -316,14 +319,71 @@ async fn a_newer_state_in_redis_wins_over_one_saved_alone() {
         .save(state("rt-alone", "at-alone"), version, &Lease::alone())
         .await
         .unwrap();
+    // Away, the replica's own state is what it reads.
+    let own = away.store.load().await.unwrap().unwrap();
+    assert_eq!(refresh_token_of(&own.state), "rt-alone");
     redis.restart().await;
-    let taken = tokio::time::timeout(PATIENCE, away.store.changed(version + 1))
-        .await
-        .expect("the replica hears of Redis's state")
-        .unwrap();
-    assert_eq!(refresh_token_of(&taken.state), "rt-3");
+    wait_for("the replica to take Redis's newer state", || async {
+        away.store
+            .load()
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|s| refresh_token_of(&s.state) == "rt-3")
+    })
+    .await;
+    // A few rounds of watching later, Redis still holds the newer state.
+    tokio::time::sleep(Duration::from_secs(6)).await;
     let stored = online.store.load().await.unwrap().unwrap();
     assert_eq!(refresh_token_of(&stored.state), "rt-3");
+}
+
+#[tokio::test]
+async fn a_state_saved_alone_survives_a_restart_of_the_replica() {
+    let Some(mut redis) = RedisProcess::start().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let open = |redis: &RedisProcess| {
+        RedisServer::new(RedisOptions {
+            url: &SecretString::from(redis.url()),
+            location: &redis.url(),
+            password: None,
+            extra_roots_pem: None,
+            keyring: None,
+        })
+        .unwrap()
+        .store(
+            CLIENT_ID,
+            TOKEN_URL,
+            &dir.path().join("state.json"),
+            Arc::new(Metrics::new()).account("default"),
+        )
+    };
+    let before = open(&redis);
+    let version = save(&before, state("rt-1", "at-1")).await;
+    redis.kill();
+    let mut rotated = state("rt-rotated-alone", "at-alone");
+    rotated.refresh_token_first_seen = Some(1_800_000_001);
+    before
+        .save(rotated, version, &Lease::alone())
+        .await
+        .unwrap();
+    drop(before);
+    redis.restart().await;
+    // The replica starts again: the state in its file reaches Redis.
+    let after = open(&redis);
+    let other = replica(&redis, None);
+    wait_for(
+        "the state refreshed alone before the restart to reach Redis",
+        || async {
+            other.store.load().await.ok().flatten().is_some_and(|s| {
+                refresh_token_of(&s.state) == "rt-rotated-alone" && s.version > version
+            })
+        },
+    )
+    .await;
+    drop(after);
 }
 
 #[tokio::test]

@@ -504,51 +504,60 @@ impl Shared {
         }
     }
 
-    /// Saves `state` in the local file only, to be written back later.
+    /// Saves `state` in the local file only, to be written back later. The
+    /// version stays `based_on`: Redis gives the state its version when it
+    /// is written back, so that what other replicas wrote meanwhile is
+    /// still heard of as newer.
     async fn save_alone(&self, state: PersistedState, based_on: u64) -> Result<u64, SaveError> {
-        let versioned = Versioned {
-            state,
-            version: based_on + 1,
-        };
         let local = self.local.clone();
-        let (state, version) = (versioned.state.clone(), versioned.version);
-        tokio::task::spawn_blocking(move || local.put_blocking(&state, version))
+        let copy = state.clone();
+        tokio::task::spawn_blocking(move || local.put_blocking(&copy, based_on))
             .await
             .expect("state file task panicked")?;
-        *self.pending.lock().expect("pending lock") = Some(versioned.clone());
-        self.latest.send_replace(Some(Arc::new(versioned)));
-        Ok(version)
+        *self.pending.lock().expect("pending lock") = Some(Versioned {
+            state,
+            version: based_on,
+        });
+        Ok(based_on)
     }
 
     /// Brings Redis and this replica to the same newest state: a state
-    /// saved here while Redis was away is written back unless Redis holds a
-    /// newer one; a record Redis lost is put back from the local copy.
+    /// saved here while Redis was away (in memory, or in the local file
+    /// from before a restart) is written back unless Redis holds a newer
+    /// one; a record Redis lost is put back from the local copy.
     async fn sync(&self) -> Result<(), StoreError> {
         let stored = self.fetch("watch").await?;
         let pending = self.pending.lock().expect("pending lock").clone();
-        match (stored, pending) {
-            (stored, Some(mine)) => self.write_back(mine, stored, true).await,
-            (Some(stored), None) => {
+        if let Some(mine) = pending {
+            return self.write_back(mine, stored, Origin::SavedAlone).await;
+        }
+        let local = self.local.load().await.ok().flatten();
+        match (stored, local) {
+            (Some(stored), Some(local)) if saved_alone_before(&local, &stored) => {
+                self.write_back(local, Some(stored), Origin::SavedAlone)
+                    .await
+            }
+            (Some(stored), _) => {
                 self.learn(stored).await;
                 Ok(())
             }
-            (None, None) => match self.local.load().await {
-                Ok(Some(local)) if local.state.refresh_token.is_some() => {
-                    self.write_back(local, None, false).await
-                }
-                _ => Ok(()),
-            },
+            (None, Some(local)) if local.state.refresh_token.is_some() => {
+                self.write_back(local, None, Origin::LocalCopy).await
+            }
+            (None, _) => Ok(()),
         }
     }
 
+    /// Writes `mine`, a state based on version `mine.version`, to Redis
+    /// unless `stored` is newer.
     async fn write_back(
         &self,
         mine: Versioned,
         stored: Option<Versioned>,
-        pending: bool,
+        origin: Origin,
     ) -> Result<(), StoreError> {
-        if let Some(stored) = stored.as_ref().filter(|s| !newer_than(&mine, s)) {
-            if pending {
+        if let Some(stored) = stored.as_ref().filter(|s| !based_state_is_newer(&mine, s)) {
+            if origin == Origin::SavedAlone {
                 tracing::warn!(account = %self.metrics.account(), stored_version = stored.version,
                     "Redis holds a newer token state than the one refreshed here while it was away; using Redis's");
                 self.clear_pending(mine.version);
@@ -560,18 +569,14 @@ impl Shared {
             // Another replica is writing; what it writes is heard of, and compared again.
             return Ok(());
         };
-        let stored_version = stored.as_ref().map_or(0, |s| s.version);
-        let based_on = stored_version.max(mine.version.saturating_sub(1));
+        let based_on = stored.as_ref().map_or(0, |s| s.version).max(mine.version);
         let written = self.write(&mine.state, based_on, fence).await;
         self.give_back(fence).await;
         match written? {
             Written::Saved(version) => {
-                tracing::info!(account = %self.metrics.account(), version,
-                    what = if pending { "the token state refreshed while Redis was away" } else { "the local copy of a record Redis lost" },
+                tracing::info!(account = %self.metrics.account(), version, what = origin.describe(),
                     "written back to Redis");
-                if pending {
-                    self.clear_pending(mine.version);
-                }
+                self.clear_pending(mine.version);
                 self.learn(Versioned {
                     state: mine.state,
                     version,
@@ -584,7 +589,8 @@ impl Shared {
         Ok(())
     }
 
-    /// Forgets the state waiting to be written back once `version` covers it.
+    /// Forgets the state waiting to be written back once a write based on
+    /// `version` or later covers it.
     fn clear_pending(&self, version: u64) {
         let mut pending = self.pending.lock().expect("pending lock");
         if pending.as_ref().is_some_and(|p| p.version <= version) {
@@ -658,9 +664,52 @@ enum Written {
     Fenced,
 }
 
-/// The order replicas converge on: the higher version, then the later write.
-fn newer_than(a: &Versioned, b: &Versioned) -> bool {
-    (a.version, a.state.updated_at) > (b.version, b.state.updated_at)
+/// Where a state being written back comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    /// Refreshed here while Redis was away.
+    SavedAlone,
+    /// This replica's copy of a record Redis no longer has.
+    LocalCopy,
+}
+
+impl Origin {
+    fn describe(self) -> &'static str {
+        match self {
+            Origin::SavedAlone => "the token state refreshed while Redis was away",
+            Origin::LocalCopy => "the local copy of a record Redis lost",
+        }
+    }
+}
+
+/// The order replicas converge on: the higher version, then the newer
+/// refresh token, then the later access token. `mine` is based on its
+/// version, so it would be stored as the next one.
+fn based_state_is_newer(mine: &Versioned, stored: &Versioned) -> bool {
+    let order = |state: &PersistedState, version: u64| {
+        (
+            version,
+            state.refresh_token_first_seen.unwrap_or(0),
+            state.access_token_expires_at.unwrap_or(UNIX_EPOCH),
+        )
+    };
+    order(&mine.state, mine.version + 1) > order(&stored.state, stored.version)
+}
+
+/// Whether the local file holds a state refreshed alone before this process
+/// started, which Redis has not seen: based on the stored version or a
+/// later one, with another, newer refresh token.
+fn saved_alone_before(local: &Versioned, stored: &Versioned) -> bool {
+    let token = |v: &Versioned| {
+        v.state
+            .refresh_token
+            .as_ref()
+            .map(|t| t.expose_secret().to_owned())
+    };
+    local.version >= stored.version
+        && token(local).is_some()
+        && token(local) != token(stored)
+        && local.state.refresh_token_first_seen > stored.state.refresh_token_first_seen
 }
 
 /// Watches the account's channel, re-reading on every notification, on
@@ -732,7 +781,7 @@ impl StateStore for RedisStore {
                 Err(error) => return Err(error),
             };
             Ok(match pending {
-                Some(mine) if newer_than(&mine, &best) => Some(mine),
+                Some(mine) if based_state_is_newer(&mine, &best) => Some(mine),
                 _ => Some(best),
             })
         })

@@ -1,0 +1,445 @@
+//! Several proxies (replicas) sharing one GoTo account's token state
+//! through a real `redis-server`, in front of one stand-in GoTo.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::redis::RedisProcess;
+use common::{client, options_for, settings, start_proxy, wait_for, Proxy, PATIENCE};
+use goto_auth_proxy::config::StoreUrl;
+use goto_auth_proxy::standin::{Fault, GrantShape, StandIn, StandInOptions};
+use redis::AsyncCommands as _;
+use tokio::time::Instant;
+
+/// Proxies sharing one Redis store, each with its own state file.
+struct Replicas {
+    proxies: Vec<Proxy>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+async fn start_replicas(standin: &StandIn, redis: &RedisProcess, count: usize) -> Replicas {
+    let mut proxies = Vec::with_capacity(count);
+    let mut dirs = Vec::with_capacity(count);
+    for _ in 0..count {
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = options_for(standin, dir.path());
+        options.store = Some(StoreUrl(redis.url()));
+        proxies.push(start_proxy(settings(options, Some(standin.refresh_token()))).await);
+        dirs.push(dir);
+    }
+    for proxy in &proxies {
+        proxy.wait_ready().await;
+    }
+    Replicas {
+        proxies,
+        _dirs: dirs,
+    }
+}
+
+fn standin_with(lifetime: Duration, rotate_every: u64) -> StandInOptions {
+    StandInOptions {
+        shape: GrantShape {
+            lifetime,
+            rotate_every,
+            ..GrantShape::default()
+        },
+        ..StandInOptions::default()
+    }
+}
+
+/// One request a client sent through a replica.
+#[derive(Clone, Copy, Debug)]
+struct Seen {
+    replica: usize,
+    sent_at: Instant,
+    status: u16,
+    token_number: Option<u64>,
+}
+
+/// Sends a request through every replica every 50 ms for `duration`.
+async fn clients_on_all(replicas: &Replicas, duration: Duration) -> Vec<Seen> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let deadline = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for (replica, proxy) in replicas.proxies.iter().enumerate() {
+        let url = proxy.url("/rest/echo");
+        let seen = seen.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = client();
+            while Instant::now() < deadline {
+                let sent_at = Instant::now();
+                let (status, token_number) = match client.get(&url).send().await {
+                    Ok(response) => {
+                        let status = response.status().as_u16();
+                        let body: serde_json::Value = response.json().await.unwrap_or_default();
+                        (status, body["token_number"].as_u64())
+                    }
+                    Err(_) => (0, None),
+                };
+                seen.lock().unwrap().push(Seen {
+                    replica,
+                    sent_at,
+                    status,
+                    token_number,
+                });
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    Arc::try_unwrap(seen).unwrap().into_inner().unwrap()
+}
+
+fn failures(seen: &[Seen]) -> Vec<Seen> {
+    seen.iter().filter(|s| s.status != 200).copied().collect()
+}
+
+/// For each access token issued between `from` and `until`, how long until
+/// every replica's requests carried it (or a newer one).
+fn propagation(
+    standin: &StandIn,
+    seen: &[Seen],
+    replicas: usize,
+    from: Instant,
+    until: Instant,
+) -> Vec<Duration> {
+    let issued = standin.token_issue_times();
+    let mut delays = Vec::new();
+    for (index, issued_at) in issued.iter().enumerate() {
+        let issued_at = Instant::from_std(*issued_at);
+        if issued_at < from || issued_at > until {
+            continue;
+        }
+        let number = index as u64 + 1;
+        let reached: Option<Vec<Instant>> = (0..replicas)
+            .map(|replica| {
+                seen.iter()
+                    .filter(|s| s.replica == replica && s.token_number >= Some(number))
+                    .map(|s| s.sent_at)
+                    .min()
+            })
+            .collect();
+        let reached =
+            reached.unwrap_or_else(|| panic!("token #{number} never reached every replica"));
+        let last = reached.into_iter().max().unwrap();
+        delays.push(last.saturating_duration_since(issued_at));
+    }
+    delays
+}
+
+async fn stored_refresh_token(redis: &RedisProcess) -> Option<String> {
+    let mut connection = redis.connection().await;
+    let keys: Vec<String> = connection.keys("goto-auth-proxy:*:state").await.unwrap();
+    let data: String = connection.hget(keys.first()?, "data").await.ok()?;
+    let record: serde_json::Value = serde_json::from_str(&data).unwrap();
+    record["secrets"]["refresh_token"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// One run of `count` replicas on 2-second tokens rotating every third
+/// refresh: returns (token requests per refresh cycle, propagation delays).
+async fn measure(redis: &RedisProcess, count: usize) -> (f64, Vec<Duration>) {
+    let lifetime = Duration::from_secs(2);
+    let standin = StandIn::start(standin_with(lifetime, 3)).await.unwrap();
+    let replicas = start_replicas(&standin, redis, count).await;
+    assert_eq!(
+        standin.token_requests(),
+        1,
+        "{count} replicas starting together make one token request"
+    );
+    let before = standin.token_requests();
+    let started = Instant::now();
+    let seen = clients_on_all(&replicas, Duration::from_secs(10)).await;
+    let elapsed = started.elapsed();
+    let requests = standin.token_requests() - before;
+    assert!(
+        failures(&seen).is_empty(),
+        "{count} replicas: failed requests {:?}",
+        failures(&seen)
+    );
+    // A refresh is due at half the lifetime: one cycle a second.
+    let cycles = elapsed.as_secs_f64() / (lifetime.as_secs_f64() / 2.0);
+    let per_cycle = requests as f64 / cycles;
+    assert!(
+        requests as f64 <= cycles + 2.0,
+        "{count} replicas made {requests} token requests in {cycles:.1} cycles"
+    );
+    assert!(
+        requests as f64 >= cycles / 2.0,
+        "the tokens were refreshed: {requests} requests in {cycles:.1} cycles"
+    );
+    let delays = propagation(
+        &standin,
+        &seen,
+        count,
+        started,
+        started + elapsed.saturating_sub(Duration::from_millis(1500)),
+    );
+    assert!(!delays.is_empty());
+    // No rotation was lost: Redis holds the refresh token the endpoint takes now.
+    assert_eq!(
+        stored_refresh_token(redis).await.as_deref(),
+        Some(standin.refresh_token().as_str())
+    );
+    for proxy in replicas.proxies {
+        proxy.stop().await.unwrap();
+    }
+    let _: () = redis.connection().await.flushdb().await.unwrap();
+    (per_cycle, delays)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_make_one_token_request_per_refresh_cycle_and_share_each_token_within_a_second() {
+    let Some(redis) = RedisProcess::start().await else {
+        return;
+    };
+    for count in [1, 3, 10] {
+        let (per_cycle, mut delays) = measure(&redis, count).await;
+        delays.sort();
+        let worst = *delays.last().unwrap();
+        let median = delays[delays.len() / 2];
+        // The figures of the README and the closing note.
+        eprintln!(
+            "replicas={count} token_requests_per_refresh_cycle={per_cycle:.2} \
+             new_token_reaches_every_replica_median_ms={} max_ms={} (requests every 50 ms)",
+            median.as_millis(),
+            worst.as_millis()
+        );
+        assert!(
+            worst < Duration::from_secs(1),
+            "{count} replicas: a new token took {worst:?} to reach them all"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_401_on_one_replica_makes_one_refresh_for_all() {
+    let Some(redis) = RedisProcess::start().await else {
+        return;
+    };
+    let standin = StandIn::start(standin_with(Duration::from_secs(600), 0))
+        .await
+        .unwrap();
+    let replicas = start_replicas(&standin, &redis, 3).await;
+    assert_eq!(standin.token_requests(), 1);
+    standin.revoke_access_tokens();
+    let http = client();
+    let first = http
+        .get(replicas.proxies[0].url("/rest/echo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(standin.token_requests(), 2, "one refresh after the 401");
+    for proxy in &replicas.proxies[1..] {
+        let response = http.get(proxy.url("/rest/echo")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    assert_eq!(
+        standin.token_requests(),
+        2,
+        "the other replicas use the new token without a request of their own"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_serve_through_a_redis_outage_and_converge_when_it_returns() {
+    let Some(mut redis) = RedisProcess::start().await else {
+        return;
+    };
+    // The endpoint rotates every other refresh and still takes the refresh
+    // token before the last rotation, so that replicas refreshing alone
+    // (each with the token they hold) all succeed.
+    let standin = StandIn::start(StandInOptions {
+        shape: GrantShape {
+            lifetime: Duration::from_secs(6),
+            rotate_every: 2,
+            accept_previous_refresh_token: true,
+            ..GrantShape::default()
+        },
+        ..StandInOptions::default()
+    })
+    .await
+    .unwrap();
+    let replicas = start_replicas(&standin, &redis, 3).await;
+    let clients = {
+        let replicas = &replicas;
+        async move { clients_on_all(replicas, Duration::from_secs(24)).await }
+    };
+    let outage = async {
+        // Just after a shared refresh, Redis goes away for long enough that
+        // every replica's token nears expiry and each refreshes alone.
+        let requests = standin.token_requests();
+        wait_for("a shared refresh", || {
+            std::future::ready(standin.token_requests() > requests)
+        })
+        .await;
+        let during = standin.token_requests();
+        redis.kill();
+        tokio::time::sleep(Duration::from_millis(5500)).await;
+        let alone = standin.token_requests() - during;
+        redis.restart().await;
+        alone
+    };
+    let (seen, alone) = tokio::join!(clients, outage);
+    assert!(
+        failures(&seen).is_empty(),
+        "failed requests {:?}",
+        failures(&seen)
+    );
+    assert!(alone >= 1, "replicas refreshed alone while Redis was away");
+    let metric_sum = {
+        let mut sum = 0.0;
+        for proxy in &replicas.proxies {
+            sum += proxy
+                .metric("goto_proxy_store_refreshes_alone_total")
+                .await
+                .unwrap_or(0.0);
+        }
+        sum
+    };
+    assert!(metric_sum >= 1.0, "refreshing alone is counted");
+    // Converged: Redis holds the refresh token the endpoint takes now, and
+    // every replica presents the same access token.
+    wait_for("Redis to hold the newest refresh token", || async {
+        stored_refresh_token(&redis).await.as_deref() == Some(standin.refresh_token().as_str())
+    })
+    .await;
+    wait_for("every replica to present the same token", || async {
+        let mut numbers = Vec::new();
+        for proxy in &replicas.proxies {
+            let body: serde_json::Value = client()
+                .get(proxy.url("/rest/echo"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            numbers.push(body["token_number"].as_u64());
+        }
+        numbers.iter().all(|n| n.is_some() && *n == numbers[0])
+    })
+    .await;
+    // And refreshing goes on from the converged state: nothing was lost.
+    let before = standin.token_requests();
+    let seen = clients_on_all(&replicas, Duration::from_secs(7)).await;
+    assert!(failures(&seen).is_empty(), "{:?}", failures(&seen));
+    assert!(standin.token_requests() > before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_lease_holder_dies_mid_refresh_another_takes_over_and_nothing_is_lost() {
+    use common::process::{run_command, Running};
+    let Some(redis) = RedisProcess::start().await else {
+        return;
+    };
+    // Every refresh rotates: a rotation lost on the way would show.
+    let standin = StandIn::start(standin_with(Duration::from_secs(8), 1))
+        .await
+        .unwrap();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut replicas: Vec<Option<Running>> = dirs
+        .iter()
+        .map(|dir| {
+            let mut command = run_command(&standin, dir.path(), &standin.refresh_token());
+            command
+                .env("GOTO_STORE", redis.url())
+                .env("GOTO_TOKEN_TIMEOUT", "120s");
+            Some(Running::spawn(command))
+        })
+        .collect();
+    let mut admins = Vec::new();
+    let mut listens = Vec::new();
+    for running in replicas.iter().flatten() {
+        admins.push(running.logged_value("admin").await);
+        listens.push(running.logged_value("listen").await);
+    }
+    let http = client();
+    for admin in &admins {
+        wait_for("a replica to become ready", || async {
+            http.get(format!("http://{admin}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+    }
+    assert_eq!(standin.token_requests(), 1);
+    // The next refresh hangs at the endpoint; its lease holder dies then.
+    standin.set_standing_fault(Some(Fault::Hang));
+    wait_for("the refresh at half the token's lifetime", || {
+        std::future::ready(standin.token_requests() >= 2)
+    })
+    .await;
+    let leader = Mutex::new(None);
+    wait_for("the lease holder to show in its metrics", || async {
+        for (index, admin) in admins.iter().enumerate() {
+            let text = http
+                .get(format!("http://{admin}/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            if common::sum_of_series(&text, "goto_proxy_store_leader") == Some(1.0) {
+                *leader.lock().unwrap() = Some(index);
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    let leader = leader.into_inner().unwrap().unwrap();
+    let mut killed = replicas[leader].take().unwrap();
+    killed.child.kill().unwrap();
+    killed.child.wait().unwrap();
+    standin.set_standing_fault(None);
+    // Once the dead holder's lease runs out (at most 15 s), a survivor
+    // refreshes with the stored refresh token, and all survivors serve.
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    let deadline = Instant::now() + PATIENCE * 2;
+    loop {
+        let mut numbers = Vec::new();
+        for index in &survivors {
+            let response = http
+                .get(format!("http://{}/rest/echo", listens[*index]))
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            let body: serde_json::Value = response.json().await.unwrap_or_default();
+            numbers.push((status, body["token_number"].as_u64()));
+        }
+        if numbers
+            .iter()
+            .all(|(status, number)| *status == 200 && *number == Some(2))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no replica took over: {numbers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        standin.token_issue_times().len(),
+        2,
+        "one token at start, one from the replica that took over"
+    );
+    assert_eq!(
+        stored_refresh_token(&redis).await.as_deref(),
+        Some(standin.refresh_token().as_str()),
+        "the rotation of the takeover refresh is stored"
+    );
+    for running in replicas.into_iter().flatten() {
+        running.stop().await;
+    }
+}
