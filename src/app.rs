@@ -625,6 +625,13 @@ fn log_start(settings: &Settings, listeners: &Listeners) {
             address(&listeners.proxy),
         );
     }
+    if let crate::config::StoreKind::Redis { location, .. } = &settings.store.kind {
+        tracing::info!(
+            store = %location,
+            sealed = settings.store.key.is_some(),
+            "token state shared with the other replicas through Redis; each state file keeps this replica's copy"
+        );
+    }
     for account in &settings.accounts {
         tracing::info!(
             account = %account.name,

@@ -20,7 +20,7 @@
 //! answers again, unless Redis by then holds a newer state (a higher
 //! version, or the same version written later).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use futures_util::StreamExt as _;
@@ -80,6 +80,12 @@ const RELEASE_SCRIPT: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 ";
+
+/// The scripts, hashed once; invoked by hash, loaded when Redis lacks them.
+static SAVE: LazyLock<Script> = LazyLock::new(|| Script::new(SAVE_SCRIPT));
+static LEASE: LazyLock<Script> = LazyLock::new(|| Script::new(LEASE_SCRIPT));
+static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW_SCRIPT));
+static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_SCRIPT));
 
 /// One Redis server, shared by every account's store.
 #[derive(Clone)]
@@ -168,6 +174,8 @@ impl RedisServer {
         metrics: AccountMetrics,
     ) -> RedisStore {
         let keys = Keys::new(client_id, token_url);
+        tracing::info!(account = %metrics.account(), store = %self.location, key = %keys.state,
+            sealed = self.keyring.is_some(), "the account's token state is shared in Redis");
         let shared = Arc::new(Shared {
             location: format!("{} ({})", self.location, keys.state),
             server: self.clone(),
@@ -461,8 +469,7 @@ impl Shared {
     ) -> Result<Written, StoreError> {
         let data = self.encode(state, based_on + 1);
         let mut connection = self.server.connection.clone();
-        let script = Script::new(SAVE_SCRIPT);
-        let mut invocation = script.key(&self.keys.state);
+        let mut invocation = SAVE.key(&self.keys.state);
         invocation
             .key(&self.keys.channel)
             .arg(based_on)
@@ -601,8 +608,7 @@ impl Shared {
     /// The lease's next fencing number, or `None` while another replica holds it.
     async fn grant(&self) -> Result<Option<u64>, StoreError> {
         let mut connection = self.server.connection.clone();
-        let script = Script::new(LEASE_SCRIPT);
-        let mut invocation = script.key(&self.keys.lease);
+        let mut invocation = LEASE.key(&self.keys.lease);
         invocation
             .key(&self.keys.fence)
             .arg(&self.owner)
@@ -619,8 +625,7 @@ impl Shared {
 
     async fn give_back(&self, fence: u64) {
         let mut connection = self.server.connection.clone();
-        let script = Script::new(RELEASE_SCRIPT);
-        let mut invocation = script.key(&self.keys.lease);
+        let mut invocation = RELEASE.key(&self.keys.lease);
         invocation.arg(self.lease_value(fence));
         // A release that fails is harmless: the lease runs out by itself.
         let _: Result<u64, _> = self
@@ -633,8 +638,7 @@ impl Shared {
         loop {
             sleep(LEASE_RENEWAL).await;
             let mut connection = self.server.connection.clone();
-            let script = Script::new(RENEW_SCRIPT);
-            let mut invocation = script.key(&self.keys.lease);
+            let mut invocation = RENEW.key(&self.keys.lease);
             invocation
                 .arg(self.lease_value(fence))
                 .arg(LEASE_TTL.as_millis() as u64);

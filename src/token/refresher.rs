@@ -252,10 +252,10 @@ impl Refresher {
                         humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
                     if self.source.is_ready() {
                         tracing::warn!(error = %failure, %retry_in,
-                            "token request failed; the current token is still valid and stays in use");
+                            "refresh failed; the current token is still valid and stays in use");
                     } else {
                         tracing::warn!(error = %failure, %retry_in,
-                            "token request failed and no valid token is held; requests wait for the retry");
+                            "refresh failed and no valid token is held; requests wait for the retry");
                     }
                     phase = Phase::BackingOff;
                     self.publish_state(TokenState::Retrying);
