@@ -211,3 +211,47 @@ async fn a_redirect_port_in_use_and_a_timeout_say_what_to_do() {
         running.log_text()
     );
 }
+
+#[tokio::test]
+async fn login_with_a_redis_store_reaches_the_running_replicas() {
+    let Some(redis) = common::redis::RedisProcess::start().await else {
+        return;
+    };
+    let standin = StandIn::start(StandInOptions::default()).await.unwrap();
+    let replica_dir = tempfile::tempdir().unwrap();
+    let mut options = options_for(&standin, replica_dir.path());
+    options.store = Some(goto_auth_proxy::config::StoreUrl(redis.url()));
+    let proxy = start_proxy(settings(options, Some(standin.refresh_token()))).await;
+    proxy.wait_ready().await;
+    // Signed in on another machine, through the same store.
+    let login_dir = tempfile::tempdir().unwrap();
+    let mut running = login_command(
+        &standin,
+        &login_dir.path().join("state.json"),
+        "http://127.0.0.1:0/callback",
+        &["--store", &redis.url()],
+    );
+    let page = consent(printed_authorize_url(&running).await, |url| url).await;
+    assert_eq!(page.status(), 200);
+    assert!(
+        running.wait_exit().await.success(),
+        "{}",
+        running.log_text()
+    );
+    // The consent started a new refresh-token chain; the replica holds it
+    // (its state file is its copy of Redis's state) and refreshes with it.
+    let replica_copy = FileStore::new(replica_dir.path().join("state.json"));
+    wait_for("the replica to hear of the new refresh token", || {
+        let stored = replica_copy.load_blocking().ok().flatten();
+        std::future::ready(
+            stored
+                .and_then(|s| s.refresh_token)
+                .is_some_and(|t| t.expose_secret() == standin.refresh_token()),
+        )
+    })
+    .await;
+    standin.revoke_access_tokens();
+    let before = standin.token_requests();
+    assert_eq!(status_of(proxy.url("/x")).await, 200);
+    assert_eq!(standin.token_requests(), before + 1);
+}

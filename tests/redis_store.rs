@@ -409,3 +409,35 @@ async fn a_record_redis_lost_is_put_back_from_a_replicas_copy() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_held_lease_is_renewed_past_its_first_grant() {
+    let Some(redis) = RedisProcess::start().await else {
+        return;
+    };
+    let (holder, other) = (replica(&redis, None), replica(&redis, None));
+    let held = lease(&holder.store).await;
+    // A refresh that takes longer than one grant (a slow token endpoint).
+    tokio::time::sleep(LEASE_TTL + Duration::from_secs(2)).await;
+    assert!(
+        matches!(other.store.lease().await.unwrap(), LeaseGrant::Elsewhere),
+        "the holder's lease is still held after {LEASE_TTL:?}"
+    );
+    holder.store.release(held).await;
+    let next = lease(&other.store).await;
+    other.store.release(next).await;
+    // Dropped without a release (a refresher cancelled mid-refresh): no
+    // more renewals, so the lease runs out by itself.
+    let abandoned = lease(&holder.store).await;
+    drop(abandoned);
+    wait_for("an abandoned lease to run out", || async {
+        match other.store.lease().await {
+            Ok(LeaseGrant::Held(lease)) => {
+                other.store.release(lease).await;
+                true
+            }
+            _ => false,
+        }
+    })
+    .await;
+}

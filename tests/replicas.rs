@@ -293,17 +293,24 @@ async fn replicas_serve_through_a_redis_outage_and_converge_when_it_returns() {
         failures(&seen)
     );
     assert!(alone >= 1, "replicas refreshed alone while Redis was away");
-    let metric_sum = {
-        let mut sum = 0.0;
-        for proxy in &replicas.proxies {
-            sum += proxy
-                .metric("goto_proxy_store_refreshes_alone_total")
-                .await
-                .unwrap_or(0.0);
+    let metric_sum = |name: &'static str| {
+        let proxies = &replicas.proxies;
+        async move {
+            let mut sum = 0.0;
+            for proxy in proxies {
+                sum += proxy.metric(name).await.unwrap_or(0.0);
+            }
+            sum
         }
-        sum
     };
-    assert!(metric_sum >= 1.0, "refreshing alone is counted");
+    assert!(
+        metric_sum("goto_proxy_store_refreshes_alone_total").await >= 1.0,
+        "refreshing alone is counted"
+    );
+    assert!(
+        metric_sum("goto_proxy_store_errors_total").await >= 1.0,
+        "the outage shows as store errors"
+    );
     // Converged: Redis holds the refresh token the endpoint takes now, and
     // every replica presents the same access token.
     wait_for("Redis to hold the newest refresh token", || async {
@@ -442,4 +449,101 @@ async fn when_the_lease_holder_dies_mid_refresh_another_takes_over_and_nothing_i
     for running in replicas.into_iter().flatten() {
         running.stop().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_over_tls_and_redis_credentials_never_show() {
+    use common::process::{proxy_command, run_command, Running};
+    const PASSWORD: &str = "redis-password-that-must-not-show";
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = common::pki::Pki::server(pki_dir.path(), "redis", &["127.0.0.1"]);
+    let ca = pki.ca.clone();
+    let Some(redis) = RedisProcess::start_tls(PASSWORD, pki).await else {
+        return;
+    };
+    let standin = StandIn::start(standin_with(Duration::from_secs(600), 0))
+        .await
+        .unwrap();
+    let password_file = pki_dir.path().join("redis-password");
+    std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
+    let inline_url = redis
+        .url()
+        .replace("rediss://", &format!("rediss://:{PASSWORD}@"));
+    // One replica with the password in a file, one with it in the URL.
+    let stores = [
+        (redis.url(), Some(password_file.clone())),
+        (inline_url.clone(), None),
+    ];
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let command_for = |index: usize, check: bool| {
+        let (url, file) = &stores[index];
+        let mut command = if check {
+            let mut command = proxy_command();
+            command
+                .args(["run", "--check"])
+                .env("GOTO_UPSTREAM", standin.api_url())
+                .env("GOTO_TOKEN_URL", standin.token_url())
+                .env("GOTO_CLIENT_ID", goto_auth_proxy::standin::CLIENT_ID)
+                .env(
+                    "GOTO_CLIENT_SECRET",
+                    goto_auth_proxy::standin::CLIENT_SECRET,
+                )
+                .env("GOTO_REFRESH_TOKEN", standin.refresh_token())
+                .env("GOTO_STATE_FILE", dirs[index].path().join("state.json"));
+            command
+        } else {
+            run_command(&standin, dirs[index].path(), &standin.refresh_token())
+        };
+        command
+            .env("GOTO_STORE", url)
+            .env("GOTO_UPSTREAM_CA_FILE", &ca)
+            .env("RUST_LOG", "trace");
+        if let Some(file) = file {
+            command.env("GOTO_STORE_PASSWORD_FILE", file);
+        }
+        command
+    };
+    let first = Running::spawn(command_for(0, false));
+    let admin = first.logged_value("admin").await;
+    let http = client();
+    let ready = |admin: String| {
+        let http = http.clone();
+        async move {
+            wait_for("a replica to become ready", || async {
+                http.get(format!("http://{admin}/readyz"))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == 200)
+            })
+            .await;
+        }
+    };
+    ready(admin).await;
+    let second = Running::spawn(command_for(1, false));
+    ready(second.logged_value("admin").await).await;
+    assert_eq!(
+        standin.token_requests(),
+        1,
+        "the second replica took the first one's token from Redis over TLS"
+    );
+    for index in 0..2 {
+        let output = command_for(index, true).output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(output.status.success(), "{text}");
+        assert!(text.contains("store = rediss://"), "{text}");
+        assert!(
+            !text.contains(PASSWORD),
+            "run --check shows the password:\n{text}"
+        );
+    }
+    let log = format!("{}\n{}", first.stop().await, second.stop().await);
+    assert!(log.contains("rediss://127.0.0.1"), "{log}");
+    assert!(
+        !log.contains(PASSWORD),
+        "the log shows the password:\n{log}"
+    );
 }

@@ -20,6 +20,8 @@ pub struct RedisProcess {
     port: u16,
     dir: tempfile::TempDir,
     password: Option<String>,
+    /// Served over TLS only, with this certificate chain, key and CA.
+    tls: Option<super::pki::Pki>,
 }
 
 impl RedisProcess {
@@ -31,6 +33,16 @@ impl RedisProcess {
 
     /// As [`RedisProcess::start`], with `requirepass`.
     pub async fn start_with_password(password: Option<&str>) -> Option<Self> {
+        Self::start_as(password, None).await
+    }
+
+    /// A server that speaks TLS only (with a certificate for 127.0.0.1 from
+    /// `pki`) and wants `password`.
+    pub async fn start_tls(password: &str, pki: super::pki::Pki) -> Option<Self> {
+        Self::start_as(Some(password), Some(pki)).await
+    }
+
+    async fn start_as(password: Option<&str>, tls: Option<super::pki::Pki>) -> Option<Self> {
         let installed = Command::new("redis-server")
             .arg("--version")
             .stdout(Stdio::null())
@@ -49,6 +61,7 @@ impl RedisProcess {
             port: 0,
             dir: tempfile::tempdir().unwrap(),
             password: password.map(str::to_owned),
+            tls,
         };
         for _ in 0..5 {
             server.port = free_port();
@@ -59,9 +72,14 @@ impl RedisProcess {
         panic!("redis-server did not start on a free loopback port in five tries");
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT` (`rediss://` with TLS).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Kills the server at once, as a crash or a lost node would.
@@ -107,8 +125,27 @@ impl RedisProcess {
     /// Starts `redis-server` and waits until it answers; false when it exited (port taken).
     async fn launch(&mut self) -> bool {
         let mut command = Command::new("redis-server");
+        let port = self.port.to_string();
+        match &self.tls {
+            None => command.args(["--port", &port]),
+            Some(pki) => command
+                .args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port,
+                    "--tls-auth-clients",
+                    "no",
+                ])
+                .arg("--tls-cert-file")
+                .arg(&pki.chain)
+                .arg("--tls-key-file")
+                .arg(&pki.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&pki.ca),
+        };
         command
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
             .args([
                 "--save",
                 "",
@@ -131,7 +168,7 @@ impl RedisProcess {
             if child.try_wait().unwrap().is_some() {
                 return false;
             }
-            if answers(self.port).await {
+            if answers(self.port, self.tls.is_some()).await {
                 self.child = Some(child);
                 return true;
             }
@@ -150,12 +187,16 @@ impl Drop for RedisProcess {
     }
 }
 
-/// Whether something on `port` answers a Redis PING (or asks for a password).
-async fn answers(port: u16) -> bool {
+/// Whether something on `port` answers a Redis PING (or asks for a
+/// password); over TLS, whether it accepts connections.
+async fn answers(port: u16, tls: bool) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
         return false;
     };
+    if tls {
+        return true;
+    }
     if stream.write_all(b"PING\r\n").await.is_err() {
         return false;
     }
