@@ -29,6 +29,19 @@ struct Replica {
 
 fn replica(redis: &RedisProcess, keyring: Option<Keyring>) -> Replica {
     let dir = tempfile::tempdir().unwrap();
+    Replica {
+        store: store_at(redis, CLIENT_ID, &dir.path().join("state.json"), keyring),
+        _dir: dir,
+    }
+}
+
+/// The store of the account with `client_id`, its copy in `state_file`.
+fn store_at(
+    redis: &RedisProcess,
+    client_id: &str,
+    state_file: &std::path::Path,
+    keyring: Option<Keyring>,
+) -> RedisStore {
     let url = SecretString::from(redis.url());
     let server = RedisServer::new(RedisOptions {
         url: &url,
@@ -39,15 +52,7 @@ fn replica(redis: &RedisProcess, keyring: Option<Keyring>) -> Replica {
     })
     .unwrap();
     let metrics = Arc::new(Metrics::new()).account("default");
-    Replica {
-        store: server.store(
-            CLIENT_ID,
-            TOKEN_URL,
-            &dir.path().join("state.json"),
-            metrics,
-        ),
-        _dir: dir,
-    }
+    server.store(client_id, TOKEN_URL, state_file, metrics)
 }
 
 fn state(refresh_token: &str, access_token: &str) -> PersistedState {
@@ -107,19 +112,12 @@ async fn keys_are_namespaced_by_a_hash_and_hold_no_secret() {
     // Another client id is another namespace.
     let two = replica(&redis, None);
     assert!(two.store.location().contains("goto-auth-proxy:{"));
-    let other = RedisServer::new(RedisOptions {
-        url: &SecretString::from(redis.url()),
-        location: &redis.url(),
-        password: None,
-        extra_roots_pem: None,
-        keyring: None,
-    })
-    .unwrap()
-    .store(
+    let elsewhere = tempfile::tempdir().unwrap();
+    let other = store_at(
+        &redis,
         "another-client",
-        TOKEN_URL,
-        &tempfile::tempdir().unwrap().path().join("s.json"),
-        Arc::new(Metrics::new()).account("default"),
+        &elsewhere.path().join("s.json"),
+        None,
     );
     assert!(other.load().await.unwrap().is_none());
     assert_ne!(other.location(), one.store.location());
@@ -344,22 +342,8 @@ async fn a_state_saved_alone_survives_a_restart_of_the_replica() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let open = |redis: &RedisProcess| {
-        RedisServer::new(RedisOptions {
-            url: &SecretString::from(redis.url()),
-            location: &redis.url(),
-            password: None,
-            extra_roots_pem: None,
-            keyring: None,
-        })
-        .unwrap()
-        .store(
-            CLIENT_ID,
-            TOKEN_URL,
-            &dir.path().join("state.json"),
-            Arc::new(Metrics::new()).account("default"),
-        )
-    };
+    let open =
+        |redis: &RedisProcess| store_at(redis, CLIENT_ID, &dir.path().join("state.json"), None);
     let before = open(&redis);
     let version = save(&before, state("rt-1", "at-1")).await;
     redis.kill();

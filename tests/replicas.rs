@@ -67,17 +67,9 @@ async fn clients_on_all(replicas: &Replicas, duration: Duration) -> Vec<Seen> {
         let url = proxy.url("/rest/echo");
         let seen = seen.clone();
         tasks.push(tokio::spawn(async move {
-            let client = client();
             while Instant::now() < deadline {
                 let sent_at = Instant::now();
-                let (status, token_number) = match client.get(&url).send().await {
-                    Ok(response) => {
-                        let status = response.status().as_u16();
-                        let body: serde_json::Value = response.json().await.unwrap_or_default();
-                        (status, body["token_number"].as_u64())
-                    }
-                    Err(_) => (0, None),
-                };
+                let (status, token_number) = presented(&url).await;
                 seen.lock().unwrap().push(Seen {
                     replica,
                     sent_at,
@@ -129,6 +121,31 @@ fn propagation(
         delays.push(last.saturating_duration_since(issued_at));
     }
     delays
+}
+
+/// The status and the number of the token with which a request through
+/// `url` (a replica's `/rest/echo`) reached the API.
+async fn presented(url: &str) -> (u16, Option<u64>) {
+    match client().get(url).send().await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let body: serde_json::Value = response.json().await.unwrap_or_default();
+            (status, body["token_number"].as_u64())
+        }
+        Err(_) => (0, None),
+    }
+}
+
+/// Waits until the binary's admin listener at `admin` reports ready.
+async fn wait_ready_at(admin: &str) {
+    let http = client();
+    wait_for("a replica to become ready", || async {
+        http.get(format!("http://{admin}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
 }
 
 async fn stored_refresh_token(redis: &RedisProcess) -> Option<String> {
@@ -320,15 +337,7 @@ async fn replicas_serve_through_a_redis_outage_and_converge_when_it_returns() {
     wait_for("every replica to present the same token", || async {
         let mut numbers = Vec::new();
         for proxy in &replicas.proxies {
-            let body: serde_json::Value = client()
-                .get(proxy.url("/rest/echo"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            numbers.push(body["token_number"].as_u64());
+            numbers.push(presented(&proxy.url("/rest/echo")).await.1);
         }
         numbers.iter().all(|n| n.is_some() && *n == numbers[0])
     })
@@ -367,17 +376,21 @@ async fn when_the_lease_holder_dies_mid_refresh_another_takes_over_and_nothing_i
         admins.push(running.logged_value("admin").await);
         listens.push(running.logged_value("listen").await);
     }
-    let http = client();
     for admin in &admins {
-        wait_for("a replica to become ready", || async {
-            http.get(format!("http://{admin}/readyz"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-        })
-        .await;
+        wait_ready_at(admin).await;
     }
-    assert_eq!(standin.token_requests(), 1);
+    let http = client();
+    assert_eq!(
+        standin.token_requests(),
+        1,
+        "replicas starting together make one token request:\n{}",
+        replicas
+            .iter()
+            .flatten()
+            .map(Running::log_text)
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    );
     // The next refresh hangs at the endpoint; its lease holder dies then.
     standin.set_standing_fault(Some(Fault::Hang));
     wait_for("the refresh at half the token's lifetime", || {
@@ -415,14 +428,7 @@ async fn when_the_lease_holder_dies_mid_refresh_another_takes_over_and_nothing_i
     loop {
         let mut numbers = Vec::new();
         for index in &survivors {
-            let response = http
-                .get(format!("http://{}/rest/echo", listens[*index]))
-                .send()
-                .await
-                .unwrap();
-            let status = response.status();
-            let body: serde_json::Value = response.json().await.unwrap_or_default();
-            numbers.push((status, body["token_number"].as_u64()));
+            numbers.push(presented(&format!("http://{}/rest/echo", listens[*index])).await);
         }
         if numbers
             .iter()
@@ -504,23 +510,9 @@ async fn replicas_share_over_tls_and_redis_credentials_never_show() {
         command
     };
     let first = Running::spawn(command_for(0, false));
-    let admin = first.logged_value("admin").await;
-    let http = client();
-    let ready = |admin: String| {
-        let http = http.clone();
-        async move {
-            wait_for("a replica to become ready", || async {
-                http.get(format!("http://{admin}/readyz"))
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status() == 200)
-            })
-            .await;
-        }
-    };
-    ready(admin).await;
+    wait_ready_at(&first.logged_value("admin").await).await;
     let second = Running::spawn(command_for(1, false));
-    ready(second.logged_value("admin").await).await;
+    wait_ready_at(&second.logged_value("admin").await).await;
     assert_eq!(
         standin.token_requests(),
         1,

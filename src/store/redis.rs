@@ -39,7 +39,7 @@ use super::{
 use crate::metrics::AccountMetrics;
 
 /// Upper bound for one Redis operation; past it Redis counts as away.
-const OPERATION_TIMEOUT: Duration = Duration::from_secs(1);
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a refresh lease lasts unless renewed.
 pub const LEASE_TTL: Duration = Duration::from_secs(15);
 /// How often a held lease is renewed.
@@ -63,9 +63,10 @@ redis.call('PUBLISH', KEYS[2], new)
 return {1, new}
 ";
 
-/// The lease: granted only when free, with the next fencing number.
+/// The lease: `SET NX PX`, so granted only when free, then named with the
+/// next fencing number (one script, so nobody sees it unnamed).
 const LEASE_SCRIPT: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
 local fence = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], ARGV[1] .. ':' .. fence, 'PX', ARGV[2])
 return fence

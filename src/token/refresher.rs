@@ -32,6 +32,9 @@ const REJECTED_RECHECK: Duration = Duration::from_secs(15);
 const SAVE_RETRY_BASE: Duration = Duration::from_secs(1);
 /// How long a follower waits for the lease holder's token before asking again.
 const FOLLOW_WAIT: Duration = Duration::from_secs(15);
+/// With no valid token at all, how many tries for the store's lease fail
+/// before the refresher refreshes alone.
+const LEASE_TRIES_WITHOUT_TOKEN: u32 = 2;
 /// How long to wait before watching the store again after watching failed.
 const WATCH_RETRY: Duration = Duration::from_secs(5);
 
@@ -149,6 +152,8 @@ pub struct Refresher {
     save_backoff: Backoff,
     next_save: Option<Instant>,
     principal: Option<Arc<str>>,
+    /// Tries for the lease that failed in a row (the store unreachable).
+    lease_failures: u32,
 }
 
 impl Refresher {
@@ -180,6 +185,7 @@ impl Refresher {
             save_backoff: Backoff::default(),
             next_save: None,
             principal: None,
+            lease_failures: 0,
         }
     }
 
@@ -245,9 +251,13 @@ impl Refresher {
                     next_refresh = Instant::now() + REJECTED_RECHECK;
                 }
                 Err(failure) => {
-                    let delay = backoff
+                    let mut delay = backoff
                         .next(BACKOFF_BASE)
                         .max(failure.retry_after().unwrap_or_default());
+                    if let (Failure::Store(_), Some(at)) = (&failure, self.alone_at()) {
+                        // Try the store again no later than the moment to refresh alone.
+                        delay = delay.min(at.saturating_duration_since(Instant::now()));
+                    }
                     let retry_in =
                         humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
                     if self.source.is_ready() {
@@ -312,7 +322,12 @@ impl Refresher {
             let grant = self.request_with_fallbacks().await?;
             return Ok(self.accept(grant, after_refusal, None).await?);
         };
-        let lease = match store.lease().await {
+        let granted = store.lease().await;
+        self.lease_failures = match granted {
+            Ok(_) => 0,
+            Err(_) => self.lease_failures + 1,
+        };
+        let lease = match granted {
             Ok(LeaseGrant::Held(lease)) => lease,
             Ok(LeaseGrant::Elsewhere) => return self.follow(store.as_ref()).await,
             Err(error) if self.must_refresh_alone(after_refusal) => {
@@ -348,17 +363,24 @@ impl Refresher {
         result
     }
 
-    /// Whether to refresh although the store cannot grant the lease: no
-    /// valid token is held, upstream refused it, or less than half of the
-    /// time between the planned refresh and its expiry is left.
+    /// Whether to refresh although the store cannot grant the lease:
+    /// upstream refused the token, its moment to refresh alone has come, or
+    /// no valid token is held and the store failed more than once.
     fn must_refresh_alone(&self, after_refusal: bool) -> bool {
+        match self.alone_at() {
+            Some(at) => after_refusal || Instant::now() >= at,
+            None => self.lease_failures >= LEASE_TRIES_WITHOUT_TOKEN,
+        }
+    }
+
+    /// When the valid token held is to be refreshed alone if the store is
+    /// still away: once less than half of the time between its planned
+    /// refresh and its expiry is left. `None` without a valid token.
+    fn alone_at(&self) -> Option<Instant> {
         let snapshot = self.source.snapshot();
-        let Some(token) = snapshot.token.as_ref().filter(|t| t.is_valid()) else {
-            return true;
-        };
+        let token = snapshot.token.as_ref().filter(|t| t.is_valid())?;
         let window = self.margin.min(token.lifetime() / 2);
-        let left = token.expires_at().saturating_duration_since(Instant::now());
-        after_refusal || left <= window / 2
+        Some(token.expires_at() - window / 2)
     }
 
     /// With the lease in hand: when another writer stored a state since this
@@ -860,6 +882,8 @@ mod tests {
             stored: Mutex<Option<Versioned>>,
             version: tokio::sync::watch::Sender<u64>,
             lease_elsewhere: AtomicBool,
+            /// Asking for the lease fails, as with a store that cannot be reached.
+            unreachable: AtomicBool,
         }
 
         impl MemoryStore {
@@ -868,6 +892,7 @@ mod tests {
                     stored: Mutex::new(None),
                     version: tokio::sync::watch::channel(0).0,
                     lease_elsewhere: AtomicBool::new(false),
+                    unreachable: AtomicBool::new(false),
                 })
             }
 
@@ -925,6 +950,12 @@ mod tests {
             }
 
             fn lease(&self) -> BoxFuture<'_, Result<LeaseGrant, StoreError>> {
+                if self.unreachable.load(Ordering::Relaxed) {
+                    return Box::pin(std::future::ready(Err(StoreError::Unavailable {
+                        location: "memory".into(),
+                        reason: "away".into(),
+                    })));
+                }
                 let grant = if self.lease_elsewhere.load(Ordering::Relaxed) {
                     LeaseGrant::Elsewhere
                 } else {
@@ -1109,6 +1140,44 @@ mod tests {
             let bearer = running.source.current().unwrap().expect("a token");
             assert_eq!(bearer.header.as_bytes(), b"Bearer at-of-the-leader");
             assert!(endpoint.seen().is_empty(), "a follower asks for no token");
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn with_the_store_away_it_refreshes_alone_only_as_the_token_nears_expiry() {
+            let endpoint = FakeEndpoint::script([]);
+            let store = MemoryStore::new();
+            let started = Instant::now();
+            let running = start(&endpoint, refresh_token("rt-1", None), &store);
+            sleep(Duration::from_secs(1)).await;
+            assert_eq!(endpoint.seen().len(), 1);
+            store.unreachable.store(true, Ordering::Relaxed);
+            // Planned at 30 s (half of 60); alone once half of the 30 s
+            // between then and expiry is left: at 45 s, and not before.
+            sleep_until(started + Duration::from_millis(44_900)).await;
+            assert_eq!(endpoint.seen().len(), 1, "no refresh while the token lasts");
+            assert!(running.source.is_ready(), "the token held stays in use");
+            sleep_until(started + Duration::from_secs(46)).await;
+            let seen = endpoint.seen();
+            assert_eq!(seen.len(), 2, "one refresh alone");
+            assert_eq!(seen[1].0 - started, Duration::from_secs(45));
+            assert!(running.source.is_ready());
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn with_the_store_away_and_no_token_it_refreshes_alone_after_a_second_try() {
+            let endpoint = FakeEndpoint::script([]);
+            let store = MemoryStore::new();
+            store.unreachable.store(true, Ordering::Relaxed);
+            let started = Instant::now();
+            let running = start(&endpoint, refresh_token("rt-1", None), &store);
+            sleep(Duration::from_secs(2)).await;
+            let seen = endpoint.seen();
+            assert_eq!(seen.len(), 1);
+            assert!(
+                seen[0].0 - started >= BACKOFF_BASE / 2,
+                "not on the first failed try"
+            );
+            assert!(running.source.is_ready());
         }
 
         #[tokio::test(start_paused = true)]
