@@ -264,89 +264,117 @@ async fn a_401_on_one_replica_makes_one_refresh_for_all() {
     );
 }
 
+/// Kills Redis just after a shared refresh, for long enough that every
+/// replica's 6-second token nears expiry, then starts it again; returns the
+/// token requests made meanwhile.
+async fn redis_outage(standin: &StandIn, redis: &mut RedisProcess) -> u64 {
+    let requests = standin.token_requests();
+    wait_for("a shared refresh", || {
+        std::future::ready(standin.token_requests() > requests)
+    })
+    .await;
+    let during = standin.token_requests();
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    let alone = standin.token_requests() - during;
+    redis.restart().await;
+    alone
+}
+
+/// Waits until Redis holds the refresh token the endpoint issued last and
+/// every replica presents one access token; then checks that refreshing
+/// goes on from there without a failed request.
+async fn assert_converged(standin: &StandIn, redis: &RedisProcess, replicas: &Replicas) {
+    wait_for("Redis to hold the newest refresh token", || async {
+        stored_refresh_token(redis).await.as_deref() == Some(standin.refresh_token().as_str())
+    })
+    .await;
+    wait_for("every replica to present the same token", || async {
+        let mut numbers = Vec::new();
+        for proxy in &replicas.proxies {
+            numbers.push(presented(&proxy.url("/rest/echo")).await);
+        }
+        numbers
+            .iter()
+            .all(|n| n.0 == 200 && n.1.is_some() && n.1 == numbers[0].1)
+    })
+    .await;
+    let before = standin.token_requests();
+    let seen = clients_on_all(replicas, Duration::from_secs(7)).await;
+    assert!(failures(&seen).is_empty(), "{:?}", failures(&seen));
+    assert!(standin.token_requests() > before);
+}
+
+/// The sum of `name` over every replica.
+async fn summed(replicas: &Replicas, name: &str) -> f64 {
+    let mut sum = 0.0;
+    for proxy in &replicas.proxies {
+        sum += proxy.metric(name).await.unwrap_or(0.0);
+    }
+    sum
+}
+
+fn six_second_tokens(rotate_every: u64, accept_every_issued: bool) -> StandInOptions {
+    StandInOptions {
+        shape: GrantShape {
+            lifetime: Duration::from_secs(6),
+            rotate_every,
+            accept_every_issued_refresh_token: accept_every_issued,
+            ..GrantShape::default()
+        },
+        ..StandInOptions::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_serve_through_a_redis_outage_and_converge_when_it_returns() {
     let Some(mut redis) = RedisProcess::start().await else {
         return;
     };
-    // The endpoint rotates every other refresh and still takes the refresh
-    // token before the last rotation, so that replicas refreshing alone
-    // (each with the token they hold) all succeed.
-    let standin = StandIn::start(StandInOptions {
-        shape: GrantShape {
-            lifetime: Duration::from_secs(6),
-            rotate_every: 2,
-            accept_previous_refresh_token: true,
-            ..GrantShape::default()
-        },
-        ..StandInOptions::default()
-    })
-    .await
-    .unwrap();
+    // The endpoint rotates every other refresh without revoking what it
+    // handed out before, so that replicas refreshing alone (each with the
+    // refresh token it holds, in whatever order) all succeed.
+    let standin = StandIn::start(six_second_tokens(2, true)).await.unwrap();
     let replicas = start_replicas(&standin, &redis, 3).await;
-    let clients = {
-        let replicas = &replicas;
-        async move { clients_on_all(replicas, Duration::from_secs(24)).await }
-    };
-    let outage = async {
-        // Just after a shared refresh, Redis goes away for long enough that
-        // every replica's token nears expiry and each refreshes alone.
-        let requests = standin.token_requests();
-        wait_for("a shared refresh", || {
-            std::future::ready(standin.token_requests() > requests)
-        })
-        .await;
-        let during = standin.token_requests();
-        redis.kill();
-        tokio::time::sleep(Duration::from_millis(5500)).await;
-        let alone = standin.token_requests() - during;
-        redis.restart().await;
-        alone
-    };
-    let (seen, alone) = tokio::join!(clients, outage);
+    let (seen, alone) = tokio::join!(
+        clients_on_all(&replicas, Duration::from_secs(24)),
+        redis_outage(&standin, &mut redis)
+    );
     assert!(
         failures(&seen).is_empty(),
         "failed requests {:?}",
         failures(&seen)
     );
     assert!(alone >= 1, "replicas refreshed alone while Redis was away");
-    let metric_sum = |name: &'static str| {
-        let proxies = &replicas.proxies;
-        async move {
-            let mut sum = 0.0;
-            for proxy in proxies {
-                sum += proxy.metric(name).await.unwrap_or(0.0);
-            }
-            sum
-        }
-    };
     assert!(
-        metric_sum("goto_proxy_store_refreshes_alone_total").await >= 1.0,
+        summed(&replicas, "goto_proxy_store_refreshes_alone_total").await >= 1.0,
         "refreshing alone is counted"
     );
     assert!(
-        metric_sum("goto_proxy_store_errors_total").await >= 1.0,
+        summed(&replicas, "goto_proxy_store_errors_total").await >= 1.0,
         "the outage shows as store errors"
     );
-    // Converged: Redis holds the refresh token the endpoint takes now, and
-    // every replica presents the same access token.
-    wait_for("Redis to hold the newest refresh token", || async {
-        stored_refresh_token(&redis).await.as_deref() == Some(standin.refresh_token().as_str())
-    })
-    .await;
-    wait_for("every replica to present the same token", || async {
-        let mut numbers = Vec::new();
-        for proxy in &replicas.proxies {
-            numbers.push(presented(&proxy.url("/rest/echo")).await.1);
-        }
-        numbers.iter().all(|n| n.is_some() && *n == numbers[0])
-    })
-    .await;
-    // And refreshing goes on from the converged state: nothing was lost.
-    let before = standin.token_requests();
-    let seen = clients_on_all(&replicas, Duration::from_secs(7)).await;
-    assert!(failures(&seen).is_empty(), "{:?}", failures(&seen));
-    assert!(standin.token_requests() > before);
+    assert_converged(&standin, &redis, &replicas).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn against_an_endpoint_that_revokes_on_rotation_replicas_recover_when_redis_returns() {
+    let Some(mut redis) = RedisProcess::start().await else {
+        return;
+    };
+    // Every refresh rotates and revokes the token before: of the replicas
+    // refreshing alone, the first succeeds and the others are refused
+    // (their requests fail once their token runs out, as the README says).
+    let standin = StandIn::start(six_second_tokens(1, false)).await.unwrap();
+    let replicas = start_replicas(&standin, &redis, 3).await;
+    let alone = redis_outage(&standin, &mut redis).await;
+    assert!(
+        alone >= 2,
+        "every replica tried alone: {alone} token requests"
+    );
+    // Redis is back: the one rotation made alone reaches it, and every
+    // replica takes it up again.
+    assert_converged(&standin, &redis, &replicas).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -78,6 +78,9 @@ pub struct GrantShape {
     pub fail_every: u64,
     /// Still accept the refresh token before the last rotation.
     pub accept_previous_refresh_token: bool,
+    /// Still accept every refresh token handed out: rotation without
+    /// revocation, as some OAuth servers do until a token's own expiry.
+    pub accept_every_issued_refresh_token: bool,
 }
 
 impl Default for GrantShape {
@@ -89,6 +92,7 @@ impl Default for GrantShape {
             repeat_refresh_token: false,
             fail_every: 0,
             accept_previous_refresh_token: false,
+            accept_every_issued_refresh_token: false,
         }
     }
 }
@@ -400,9 +404,14 @@ impl State {
             return true;
         }
         let history = &self.refresh_token_history;
+        // A revoked chain (see `revoke_refresh_token`) leaves the history behind.
+        let chain_current = history.last() == Some(&self.refresh_token);
+        if self.shape.accept_every_issued_refresh_token {
+            return chain_current && history.iter().any(|issued| issued == offered);
+        }
         self.shape.accept_previous_refresh_token
+            && chain_current
             && history.len() >= 2
-            && history[history.len() - 1] == self.refresh_token
             && history[history.len() - 2] == offered
     }
 }

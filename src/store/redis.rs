@@ -251,9 +251,10 @@ struct Shared {
     location: String,
     /// The replica's own copy, and its last resort.
     local: FileStore,
-    /// The newest state known, from Redis or saved here.
+    /// The newest state Redis is known to hold (read, written or heard of).
     latest: watch::Sender<Option<Arc<Versioned>>>,
-    /// A state saved while Redis was away, to write back when it answers.
+    /// A state saved while Redis was away, with the version it is based
+    /// on, to write back when Redis answers.
     pending: Mutex<Option<Versioned>>,
     /// This replica's name in the lease; random, so a restart is a new owner.
     owner: String,
