@@ -329,7 +329,15 @@ impl Refresher {
         };
         let lease = match granted {
             Ok(LeaseGrant::Held(lease)) => lease,
-            Ok(LeaseGrant::Elsewhere) => return self.follow(store.as_ref()).await,
+            Ok(LeaseGrant::Elsewhere) => {
+                if let Some(lifetime) = self
+                    .take_stored_instead(store.as_ref(), after_refusal)
+                    .await
+                {
+                    return Ok(lifetime);
+                }
+                return self.follow(store.as_ref()).await;
+            }
             Err(error) if self.must_refresh_alone(after_refusal) => {
                 tracing::warn!(
                     error = %error,
@@ -383,10 +391,11 @@ impl Refresher {
         Some(token.expires_at() - window / 2)
     }
 
-    /// With the lease in hand: when another writer stored a state since this
-    /// refresher last looked (or, before its first token, when the stored
-    /// access token is still good), takes it instead of asking the endpoint,
-    /// and returns the stored token's lifetime left.
+    /// Whoever holds the lease: when another writer stored a state since
+    /// this refresher last looked (or, before its first token, when the
+    /// stored access token is still good), takes it instead of asking the
+    /// endpoint or waiting for the holder, and returns the stored token's
+    /// lifetime left.
     async fn take_stored_instead(
         &mut self,
         store: &dyn StateStore,
@@ -1140,6 +1149,27 @@ mod tests {
             let bearer = running.source.current().unwrap().expect("a token");
             assert_eq!(bearer.header.as_bytes(), b"Bearer at-of-the-leader");
             assert!(endpoint.seen().is_empty(), "a follower asks for no token");
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_replica_starting_beside_a_lease_holder_takes_the_stored_token_at_once() {
+            // The holder stored a good token before this replica read the
+            // store, and still holds the lease (it is refreshing again, say).
+            let endpoint = FakeEndpoint::script([]);
+            let store = MemoryStore::new();
+            store.put(PersistedState {
+                access_token: Some(SecretString::from("at-stored")),
+                access_token_expires_at: Some(
+                    std::time::SystemTime::now() + Duration::from_secs(600),
+                ),
+                ..stored("rt-stored")
+            });
+            store.lease_elsewhere.store(true, Ordering::Relaxed);
+            let running = start(&endpoint, refresh_token("rt-stored", None), &store);
+            sleep(Duration::from_millis(10)).await;
+            let bearer = running.source.current().unwrap().expect("a token at once");
+            assert_eq!(bearer.header.as_bytes(), b"Bearer at-stored");
+            assert!(endpoint.seen().is_empty());
         }
 
         #[tokio::test(start_paused = true)]
