@@ -1,23 +1,30 @@
 #!/usr/bin/env python3
-"""Load benchmark: the cost of header injection, measured against nginx.
+"""Load benchmark: the cost of header injection, measured against nginx,
+HAProxy and a minimal hyper proxy.
 
 An upstream (nginx, answering a small body) on loopback is loaded with wrk
-three ways, in turn, several rounds (A B C, A B C, ...), so that noise on a
-shared machine falls on all three alike:
+five ways, in turn, several rounds (A B C D E, A B C D E, ...), so that noise
+on a shared machine falls on all of them alike:
 
-  direct  wrk -> upstream
-  proxy   wrk -> goto-auth-proxy (demo mode: stand-in token endpoint) -> upstream
-  nginx   wrk -> nginx injecting the same ~1.5 KB bearer header -> upstream
+  direct   wrk -> upstream
+  proxy    wrk -> goto-auth-proxy (demo mode: stand-in token endpoint) -> upstream
+  nginx    wrk -> nginx injecting the same ~1.5 KB bearer header -> upstream
+  haproxy  wrk -> HAProxy (http-request set-header, http-reuse always) -> upstream
+  minimal  wrk -> benches/minimal_proxy.rs: hyper, one upstream connection per
+           client connection, the header inserted, nothing else (the floor
+           of what hyper costs for this job) -> upstream
 
-Prints req/s, p50 and p99 latency and peak RSS for each, and the ratios of
-goto-auth-proxy to nginx. Also over TLS to the upstream (--tls).
+nginx runs 2 workers and HAProxy 2 threads, as many as the machine has cores
+here. Prints req/s, p50 and p99 latency and peak RSS for each, and the ratios
+of goto-auth-proxy to the others. Also over TLS to the upstream (--tls).
 
     python3 benches/load.py                      # plain upstream, 1/32/256 connections
     python3 benches/load.py --tls --rounds 5     # TLS upstream (rustls vs nginx's OpenSSL)
     python3 benches/load.py --baseline OLD/goto-auth-proxy   # and an older build, side by side
 
-Needs wrk and nginx (Debian: apt-get install wrk nginx-light; the script
-installs them when run as root) and a release build (it runs cargo build).
+Needs wrk, nginx and HAProxy (Debian: apt-get install wrk nginx-light haproxy;
+the script installs them when run as root) and release builds (it runs cargo
+build).
 Everything binds to 127.0.0.1 and stops when the script ends.
 """
 import argparse
@@ -42,13 +49,19 @@ def free_port():
         return s.getsockname()[1]
 
 
+PACKAGES = {"wrk": "wrk", "nginx": "nginx-light", "haproxy": "haproxy"}
+WORKERS = 2
+BEARER = "Bearer " + "x" * 1500
+
+
 def ensure_tools():
-    missing = [t for t in ("wrk", "nginx") if not shutil.which(t) and not os.path.exists(f"/usr/sbin/{t}")]
+    missing = [package for tool, package in PACKAGES.items()
+               if not shutil.which(tool) and not os.path.exists(f"/usr/sbin/{tool}")]
     if not missing:
         return
     if os.geteuid() != 0:
-        sys.exit(f"missing {', '.join(missing)}: apt-get install wrk nginx-light")
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "wrk", "nginx-light"],
+        sys.exit(f"missing tools: apt-get install {' '.join(missing)}")
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
                    check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
 
 
@@ -80,6 +93,35 @@ http {{
 def start_nginx(workdir, name, server_block, workers):
     return subprocess.Popen(nginx_command(workdir, name, server_block, workers),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_haproxy(workdir, port, up_port, tls):
+    """HAProxy in front of the upstream, setting the same header, with as
+    many threads as nginx has workers."""
+    server = f"server up 127.0.0.1:{up_port}"
+    if tls:
+        ca = os.path.join(ROOT, "certs", "test-ca.pem")
+        server += f" ssl verify required ca-file {ca} sni str(localhost) verifyhost localhost"
+    conf = os.path.join(workdir, "haproxy.cfg")
+    with open(conf, "w") as f:
+        f.write(f"""global
+    nbthread {WORKERS}
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    http-reuse always
+frontend front
+    bind 127.0.0.1:{port}
+    default_backend back
+backend back
+    http-request set-header Authorization "{BEARER}"
+    {server}
+""")
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    return subprocess.Popen([haproxy, "-db", "-f", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def wait_http(url, timeout=30):
@@ -140,12 +182,13 @@ def main():
                         help="also load another goto-auth-proxy build (say, of the previous commit), set up alike")
     args = parser.parse_args()
     ensure_tools()
-    subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "goto-auth-proxy"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "goto-auth-proxy",
+                    "--example", "minimal_proxy"], cwd=ROOT, check=True)
 
     work = tempfile.mkdtemp(prefix="goto-load-")
     processes = []
     try:
-        up_port, ngx_port, gap_port, admin_port = (free_port() for _ in range(4))
+        up_port, ngx_port, gap_port, admin_port, hap_port, min_port = (free_port() for _ in range(6))
         certs = os.path.join(ROOT, "certs")
         if args.tls:
             # `ssl http2` on the listen line: Debian 12's nginx 1.22 predates `http2 on;`.
@@ -157,19 +200,27 @@ def main():
         proxy_pass https://backend; proxy_http_version 1.1; proxy_set_header Connection "";
         proxy_ssl_trusted_certificate {certs}/test-ca.pem; proxy_ssl_verify on;
         proxy_ssl_name localhost; proxy_ssl_server_name on; proxy_ssl_session_reuse on;
-        proxy_set_header Authorization "Bearer {'x' * 1500}"; }} }}"""
+        proxy_set_header Authorization "{BEARER}"; }} }}"""
         else:
             listen = f"listen 127.0.0.1:{up_port};"
             upstream_url = f"http://127.0.0.1:{up_port}"
             backend = f"""upstream backend {{ server 127.0.0.1:{up_port}; keepalive 256; }}
     server {{ listen 127.0.0.1:{ngx_port}; location / {{
         proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";
-        proxy_set_header Authorization "Bearer {'x' * 1500}"; }} }}"""
+        proxy_set_header Authorization "{BEARER}"; }} }}"""
         upstream = start_nginx(work, "upstream", f"server {{ {listen} keepalive_requests 1000000; "
                                f"location / {{ return 200 '{BODY.strip()}'; }} }}", 1)
         processes.append(upstream)
-        nginx = start_nginx(work, "nginx", backend, 2)
+        nginx = start_nginx(work, "nginx", backend, WORKERS)
         processes.append(nginx)
+        haproxy = start_haproxy(work, hap_port, up_port, args.tls)
+        processes.append(haproxy)
+        minimal_command = [os.path.join(ROOT, "target/release/examples/minimal_proxy"),
+                           f"127.0.0.1:{min_port}", upstream_url]
+        if args.tls:
+            minimal_command.append(os.path.join(certs, "test-ca.pem"))
+        minimal = subprocess.Popen(minimal_command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        processes.append(minimal)
         def start_proxy(binary, port, admin):
             command = [binary, "demo", "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
                        "--upstream", upstream_url, "--token-lifetime", "3600s"]
@@ -186,6 +237,8 @@ def main():
             "direct": f"{'https' if args.tls else 'http'}://127.0.0.1:{up_port}/bench",
             "proxy": f"http://127.0.0.1:{gap_port}/bench",
             "nginx": f"http://127.0.0.1:{ngx_port}/bench",
+            "haproxy": f"http://127.0.0.1:{hap_port}/bench",
+            "minimal": f"http://127.0.0.1:{min_port}/bench",
         }
         if args.baseline:
             base_port, base_admin = free_port(), free_port()
@@ -209,11 +262,11 @@ def main():
                 for name, url in targets.items():
                     rps, p50, p99 = run_wrk(url, connections, args.duration)
                     results.setdefault((connections, name), []).append((rps, p50, p99))
-                    print(f"round {round_number} c={connections:<4} {name:<7} {rps:>10.0f} req/s "
+                    print(f"round {round_number} c={connections:<4} {name:<8} {rps:>10.0f} req/s "
                           f"p50 {p50:7.3f} ms  p99 {p99:7.3f} ms", flush=True)
 
         print(f"\nupstream over {'TLS' if args.tls else 'plain HTTP'}; medians of {args.rounds} rounds of {args.duration}")
-        print(f"{'conns':>5} {'target':<7} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
+        print(f"{'conns':>5} {'target':<8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
         all_medians = {}
         for connections in connection_counts:
             medians = all_medians.setdefault(connections, {})
@@ -221,22 +274,24 @@ def main():
                 runs = results[(connections, name)]
                 medians[name] = tuple(statistics.median(r[i] for r in runs) for i in range(3))
                 rps, p50, p99 = medians[name]
-                print(f"{connections:>5} {name:<7} {rps:>10.0f} {p50:>8.3f} {p99:>8.3f}")
-            proxy_m, nginx_m, direct_m = medians["proxy"], medians["nginx"], medians["direct"]
-            print(f"      goto-auth-proxy / nginx: req/s {proxy_m[0] / nginx_m[0]:.2f}x, "
-                  f"p99 {proxy_m[2] / nginx_m[2]:.2f}x; added p50 over direct: "
-                  f"proxy {proxy_m[1] - direct_m[1]:.3f} ms, nginx {nginx_m[1] - direct_m[1]:.3f} ms")
-            if "baseline" in medians:
-                base_m = medians["baseline"]
-                print(f"      goto-auth-proxy / baseline: req/s {proxy_m[0] / base_m[0]:.2f}x, "
-                      f"p99 {proxy_m[2] / base_m[2]:.2f}x")
+                print(f"{connections:>5} {name:<8} {rps:>10.0f} {p50:>8.3f} {p99:>8.3f}")
+            proxy_m, direct_m = medians["proxy"], medians["direct"]
+            for peer in ("nginx", "haproxy", "minimal", "baseline"):
+                if peer in medians:
+                    peer_m = medians[peer]
+                    print(f"      goto-auth-proxy / {peer}: req/s {proxy_m[0] / peer_m[0]:.2f}x, "
+                          f"p99 {proxy_m[2] / peer_m[2]:.2f}x")
+            added = ", ".join(f"{name} {medians[name][1] - direct_m[1]:.3f} ms"
+                              for name in targets if name != "direct")
+            print(f"      added p50 over direct: {added}")
         if args.svg:
             write_chart(args.svg, connection_counts, list(targets), all_medians,
                         f"upstream over {'TLS' if args.tls else 'plain HTTP'}, medians of {args.rounds} rounds")
             print(f"chart written to {args.svg}")
         print(f"\npeak RSS: goto-auth-proxy {peak_rss_kib([proxy.pid]) / 1024:.1f} MiB "
               f"(idle {idle_proxy_rss / 1024:.1f} MiB), nginx {peak_rss_kib(nginx_pids(nginx)) / 1024:.1f} MiB "
-              f"(master and workers)")
+              f"(master and workers), HAProxy {peak_rss_kib([haproxy.pid]) / 1024:.1f} MiB, "
+              f"minimal {peak_rss_kib([minimal.pid]) / 1024:.1f} MiB")
     finally:
         for process in processes:
             process.terminate()
@@ -248,13 +303,16 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
 
 
-COLOURS = {"direct": "#9e9e9e", "proxy": "#1565c0", "nginx": "#2e7d32", "baseline": "#ef6c00"}
+COLOURS = {"direct": "#9e9e9e", "proxy": "#1565c0", "nginx": "#2e7d32", "haproxy": "#6a1b9a",
+           "minimal": "#00838f", "baseline": "#ef6c00"}
 
 
 def write_chart(path, connection_counts, names, medians, title):
     """Two panels of grouped bars (req/s, p99 ms), one group per connection count."""
-    width, panel_height, top = 720, 220, 40
+    panel_height, top = 220, 40
     bar, gap, group_gap, left = 26, 4, 40, 70
+    group_width = len(names) * (bar + gap) + group_gap + 60
+    width = max(left + 40 + len(connection_counts) * group_width, left + 20 + len(names) * 130)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{top + 2 * (panel_height + 60)}" '
              f'font-family="sans-serif" font-size="12">',
              f'<text x="{left}" y="20" font-size="14">{title}</text>']
@@ -269,7 +327,7 @@ def write_chart(path, connection_counts, names, medians, title):
         parts.append(f'<text x="{left}" y="{base - panel_height - 6}">{label}</text>'
                      f'<line x1="{left}" y1="{base}" x2="{width - 20}" y2="{base}" stroke="#333"/>')
         for group, connections in enumerate(connection_counts):
-            x0 = left + 20 + group * (len(names) * (bar + gap) + group_gap + 60)
+            x0 = left + 20 + group * group_width
             for position, name in enumerate(names):
                 value = medians[connections][name][index]
                 height = value / peak * (panel_height - 20)
