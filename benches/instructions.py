@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""User-space instructions per proxied request, goto-auth-proxy against nginx.
+"""User-space instructions per proxied request, goto-auth-proxy against nginx
+and the minimal hyper proxy of benches/minimal_proxy.rs.
 
 Each proxy runs under valgrind's callgrind, which counts instructions
 rather than time: the figure is the same on a loaded machine and an idle
@@ -46,8 +47,10 @@ def ensure_tools():
 def build():
     env = {**os.environ, "CARGO_PROFILE_RELEASE_DEBUG": "line-tables-only"}
     subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "goto-auth-proxy",
+                    "--example", "minimal_proxy",
                     "--target-dir", os.path.join(ROOT, "target", "profiling")], cwd=ROOT, env=env, check=True)
-    return os.path.join(ROOT, "target", "profiling", "release", "goto-auth-proxy")
+    release = os.path.join(ROOT, "target", "profiling", "release")
+    return os.path.join(release, "goto-auth-proxy"), os.path.join(release, "examples", "minimal_proxy")
 
 
 def measure(name, command, url, out_dir, seconds):
@@ -85,11 +88,11 @@ def main():
     parser.add_argument("--keep", metavar="DIR", help="keep the callgrind files in DIR")
     args = parser.parse_args()
     ensure_tools()
-    binary = build()
+    binary, minimal = build()
     work = tempfile.mkdtemp(prefix="goto-instructions-")
     processes = []
     try:
-        up_port, ngx_port, gap_port, admin_port = (free_port() for _ in range(4))
+        up_port, ngx_port, gap_port, admin_port, min_port = (free_port() for _ in range(5))
         processes.append(start_nginx(work, "upstream", f"server {{ listen 127.0.0.1:{up_port}; "
                                      f"keepalive_requests 1000000; location / {{ return 200 'ok'; }} }}", 1))
         wait_http(f"http://127.0.0.1:{up_port}/")
@@ -107,13 +110,15 @@ def main():
                  "--upstream", f"http://127.0.0.1:{up_port}", "--token-lifetime", "3600s"],
                 f"http://127.0.0.1:{gap_port}/bench", work, args.seconds),
             "nginx": measure("nginx", nginx, f"http://127.0.0.1:{ngx_port}/bench", work, args.seconds),
+            "minimal": measure("minimal", [minimal, f"127.0.0.1:{min_port}", f"http://127.0.0.1:{up_port}"],
+                               f"http://127.0.0.1:{min_port}/bench", work, args.seconds),
         }
         print("user-space instructions per proxied request (callgrind, one keep-alive connection)")
         for name, (instructions, requests) in results.items():
             print(f"  {name:<16} {instructions / requests:>9.0f}   ({instructions} over {requests} requests)")
-        ratio = (results["goto-auth-proxy"][0] / results["goto-auth-proxy"][1]) / \
-            (results["nginx"][0] / results["nginx"][1])
-        print(f"  goto-auth-proxy / nginx: {ratio:.2f}x")
+        per_request = {name: instructions / requests for name, (instructions, requests) in results.items()}
+        for peer in ("nginx", "minimal"):
+            print(f"  goto-auth-proxy / {peer}: {per_request['goto-auth-proxy'] / per_request[peer]:.2f}x")
         if args.keep:
             os.makedirs(args.keep, exist_ok=True)
             for path in glob.glob(os.path.join(work, "callgrind.*")):

@@ -48,11 +48,25 @@ pub struct AccessLog {
 pub struct Pending {
     request_id: HeaderValue,
     method: Method,
-    path: String,
+    /// The request's URI, kept whole (a clone shares its bytes) so that
+    /// the path is cut out only when a line is written.
+    uri: http::Uri,
     declared_length: Option<u64>,
     started: Instant,
     /// Whether lines are written, and this one is still to be.
     unwritten: bool,
+}
+
+impl Pending {
+    /// What the line calls the path: a `CONNECT`'s authority, else the
+    /// path without the query.
+    fn path(&self) -> &str {
+        if self.method == Method::CONNECT {
+            self.uri.authority().map_or("", |a| a.as_str())
+        } else {
+            self.uri.path()
+        }
+    }
 }
 
 /// The status logged for a request whose client left before its answer.
@@ -75,15 +89,6 @@ impl AccessLog {
                 made
             }
         };
-        let path = if request.method() == Method::CONNECT {
-            request
-                .uri()
-                .authority()
-                .map(|a| a.as_str().to_owned())
-                .unwrap_or_default()
-        } else {
-            request.uri().path().to_owned()
-        };
         let declared_length = request
             .headers()
             .get(http::header::CONTENT_LENGTH)
@@ -91,7 +96,7 @@ impl AccessLog {
         Pending {
             request_id,
             method: request.method().clone(),
-            path,
+            uri: request.uri().clone(),
             declared_length,
             started: Instant::now(),
             unwritten: self.enabled,
@@ -198,7 +203,7 @@ fn write_line(pending: &Pending, status: u16, note: &Note, bytes_out: u64, compl
         request_id = pending.request_id.to_str().unwrap_or_default(),
         account = note.account.as_deref().unwrap_or_default(),
         method = %pending.method,
-        path = %pending.path,
+        path = pending.path(),
         status,
         duration_ms = millis(pending.started.elapsed()),
         upstream_ms = millis(note.upstream),
@@ -217,9 +222,16 @@ fn usable_id(value: &HeaderValue) -> bool {
     !bytes.is_empty() && bytes.len() <= MAX_REQUEST_ID && bytes.iter().all(|b| b.is_ascii_graphic())
 }
 
-/// A new request id: 16 random hex digits.
+/// A new request id: 16 random hex digits (written by hand: this runs for
+/// every request, and the formatting machinery costs several times more).
 fn new_id() -> HeaderValue {
-    HeaderValue::from_str(&format!("{:016x}", fastrand::u64(..))).expect("hex is a header value")
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let random = fastrand::u64(..);
+    let mut id = [0u8; 16];
+    for (index, digit) in id.iter_mut().enumerate() {
+        *digit = DIGITS[(random >> (60 - 4 * index)) as usize & 0xf];
+    }
+    HeaderValue::from_bytes(&id).expect("hex is a header value")
 }
 
 #[cfg(test)]
@@ -234,5 +246,7 @@ mod tests {
         let long = "x".repeat(MAX_REQUEST_ID + 1);
         assert!(!usable_id(&HeaderValue::from_str(&long).unwrap()));
         assert_eq!(new_id().len(), 16);
+        assert!(new_id().as_bytes().iter().all(u8::is_ascii_hexdigit));
+        assert_ne!(new_id(), new_id());
     }
 }

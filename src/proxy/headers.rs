@@ -24,18 +24,72 @@ const REPLACED: [HeaderName; 3] = [header::HOST, header::AUTHORIZATION, header::
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Found one at a time by a scan of the few names present, so that nothing
-    // is allocated to remember them and absent ones cost no hash lookup. What
-    // `Connection` names goes first, while `Connection` is still there to say it.
-    if headers.contains_key(header::CONNECTION) {
-        remove_each(headers, listed_in_connection);
+    // One scan of the few names present, while `Connection` is still there
+    // to say what it lists; the doomed names are kept on the stack (a
+    // response rarely has more than one or two), so nothing is allocated.
+    let mut doomed: [Option<HeaderName>; 4] = Default::default();
+    let mut more = Vec::new();
+    let listed = Listed::in_connection(headers);
+    for (found, name) in headers
+        .keys()
+        .filter(|name| is_hop_by_hop(name, &listed))
+        .enumerate()
+    {
+        match doomed.get_mut(found) {
+            Some(slot) => *slot = Some(name.clone()),
+            None => more.push(name.clone()),
+        }
     }
-    remove_each(headers, |_, name| HOP_BY_HOP.contains(name));
+    for name in doomed.into_iter().flatten().chain(more) {
+        headers.remove(name);
+    }
 }
 
-fn remove_each(headers: &mut HeaderMap, doomed: impl Fn(&HeaderMap, &HeaderName) -> bool) {
-    while let Some(name) = headers.keys().find(|name| doomed(headers, name)).cloned() {
-        headers.remove(name);
+fn is_hop_by_hop(name: &HeaderName, listed: &Listed<'_>) -> bool {
+    HOP_BY_HOP.contains(name) || listed.names(name)
+}
+
+/// The header names a message's `Connection` header lists, parsed once
+/// (RFC 9110 §7.6.1): up to four on the stack; a longer list is read
+/// again for each name asked about.
+struct Listed<'a> {
+    headers: &'a HeaderMap,
+    first: [&'a str; 4],
+    count: usize,
+}
+
+impl<'a> Listed<'a> {
+    fn in_connection(headers: &'a HeaderMap) -> Self {
+        let mut listed = Self {
+            headers,
+            first: [""; 4],
+            count: 0,
+        };
+        let tokens = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|list| list.split(','))
+            .map(str::trim)
+            .filter(|token| !token.is_empty());
+        for token in tokens {
+            if let Some(slot) = listed.first.get_mut(listed.count) {
+                *slot = token;
+            }
+            listed.count += 1;
+        }
+        listed
+    }
+
+    /// Whether `name` is listed (`Connection` itself does not count).
+    fn names(&self, name: &HeaderName) -> bool {
+        if self.count == 0 || name == header::CONNECTION {
+            return false;
+        }
+        match self.first.get(..self.count) {
+            Some(tokens) => tokens.iter().any(|t| t.eq_ignore_ascii_case(name.as_str())),
+            None => connection_lists(self.headers, name.as_str()),
+        }
     }
 }
 
@@ -62,12 +116,9 @@ pub fn passed_on_request_headers(client: &HeaderMap) -> HeaderMap {
 /// in one pass into a map with room for two more.
 fn end_to_end(client: &HeaderMap, also_dropped: impl Fn(&HeaderName) -> bool) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(client.len() + 2);
-    let has_connection = client.contains_key(header::CONNECTION);
+    let listed = Listed::in_connection(client);
     for (name, value) in client {
-        let dropped = HOP_BY_HOP.contains(name)
-            || also_dropped(name)
-            || (has_connection && listed_in_connection(client, name));
-        if !dropped {
+        if !is_hop_by_hop(name, &listed) && !also_dropped(name) {
             headers.append(name.clone(), value.clone());
         }
     }
@@ -87,11 +138,6 @@ pub fn retry_after(headers: &HeaderMap) -> Option<std::time::Duration> {
                 .unwrap_or_default(),
         ),
     }
-}
-
-/// Whether the `Connection` header names `name` as hop-by-hop (RFC 9110 §7.6.1).
-fn listed_in_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
-    name != header::CONNECTION && connection_lists(headers, name.as_str())
 }
 
 /// Whether a `Connection` header lists `token` (such as `upgrade`).
@@ -175,6 +221,26 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         let names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["content-type"]);
+    }
+
+    #[test]
+    fn a_long_connection_list_and_many_hop_by_hop_headers_all_go() {
+        let mut pairs = vec![("connection", "x-a, x-b, x-c, x-d, x-e, x-f")];
+        let listed = ["x-a", "x-b", "x-c", "x-d", "x-e", "x-f"];
+        pairs.extend(listed.iter().map(|name| (*name, "1")));
+        pairs.extend([
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("keep-alive", "timeout=5"),
+            ("x-kept", "1"),
+        ]);
+        let mut headers = map(&pairs);
+        strip_hop_by_hop(&mut headers);
+        let names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+        let passed = passed_on_request_headers(&map(&pairs));
+        let names: Vec<_> = passed.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
     }
 
     #[test]
