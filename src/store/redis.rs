@@ -185,6 +185,7 @@ impl RedisServer {
             latest: watch::channel(None).0,
             pending: Mutex::new(None),
             owner: hex(&fastrand::u128(..).to_be_bytes()),
+            looked_at_local_copy: std::sync::atomic::AtomicBool::new(false),
             reachable: std::sync::atomic::AtomicBool::new(true),
             metrics,
         });
@@ -258,6 +259,8 @@ struct Shared {
     pending: Mutex<Option<Versioned>>,
     /// This replica's name in the lease; random, so a restart is a new owner.
     owner: String,
+    /// Whether the watcher has compared the local file with Redis's record since start.
+    looked_at_local_copy: std::sync::atomic::AtomicBool,
     /// Whether the last operation reached Redis, so that an outage and its
     /// end are each logged once.
     reachable: std::sync::atomic::AtomicBool,
@@ -536,24 +539,42 @@ impl Shared {
     /// one; a record Redis lost is put back from the local copy.
     async fn sync(&self) -> Result<(), StoreError> {
         let stored = self.fetch("watch").await?;
+        self.take_up_state_saved_before_start(stored.as_ref()).await;
         let pending = self.pending.lock().expect("pending lock").clone();
         if let Some(mine) = pending {
             return self.write_back(mine, stored, Origin::SavedAlone).await;
         }
-        let local = self.local.load().await.ok().flatten();
-        match (stored, local) {
-            (Some(stored), Some(local)) if saved_alone_before(&local, &stored) => {
-                self.write_back(local, Some(stored), Origin::SavedAlone)
-                    .await
-            }
-            (Some(stored), _) => {
+        match stored {
+            Some(stored) => {
                 self.learn(stored).await;
                 Ok(())
             }
-            (None, Some(local)) if local.state.refresh_token.is_some() => {
-                self.write_back(local, None, Origin::LocalCopy).await
+            // Redis lost the record: put this replica's copy back.
+            None => match self.local.load().await.ok().flatten() {
+                Some(local) if local.state.refresh_token.is_some() => {
+                    self.write_back(local, None, Origin::LocalCopy).await
+                }
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// Once after start: a state the local file holds that was refreshed
+    /// alone before this process began (and so is not in `pending`) is
+    /// taken up to be written back.
+    async fn take_up_state_saved_before_start(&self, stored: Option<&Versioned>) {
+        let Some(stored) = stored else { return };
+        if self
+            .looked_at_local_copy
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        if let Ok(Some(local)) = self.local.load().await {
+            if saved_alone_before(&local, stored) {
+                let mut pending = self.pending.lock().expect("pending lock");
+                pending.get_or_insert(local);
             }
-            (None, _) => Ok(()),
         }
     }
 
