@@ -5,9 +5,12 @@
 //! save that is a compare-and-set on a version (a save based on an older
 //! version than the stored one is refused, and the caller learns the newer
 //! state), a way to hear of a state someone else wrote, and a lease that
-//! says who may refresh. The file store ([`file`]) is the first
-//! implementation: one machine, writers serialised by a lock on the state
-//! file's directory, and a lease that is always granted.
+//! says who may refresh. The file store ([`file`]) serves one machine:
+//! writers serialised by a lock on the state file's directory, and a lease
+//! that is always granted. The Redis store ([`redis`]) serves replicas: a
+//! lease with a fencing number, notifications, and the state file as each
+//! replica's copy; [`seal`] keeps its tokens unreadable without the key.
+//! [`Stores`] opens the kind `--store` names.
 
 pub mod file;
 pub mod redis;
