@@ -324,14 +324,7 @@ async fn sigterm_lets_the_request_in_flight_finish_and_exits_0() {
     let running = Running::spawn(run_command(&standin, dir.path(), &standin.refresh_token()));
     let listen = running.logged_value("listen").await;
     let admin = running.logged_value("admin").await;
-    wait_for("readiness", || async {
-        client()
-            .get(format!("http://{admin}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    common::wait_ready_at(&admin).await;
     let in_flight = tokio::spawn(client().get(format!("http://{listen}/sleep/2000")).send());
     wait_for("the request to reach the API", || async {
         !standin.recorded_requests().is_empty()

@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 
 use common::process::{run_command, Running};
-use common::{client, sum_of_series, wait_for};
+use common::{client, metric_at, wait_for};
 use goto_auth_proxy::standin::{StandIn, StandInOptions, CLIENT_ID, CLIENT_SECRET};
 
 /// The `[accounts.eu]` table for `standin`, its secrets in `dir`.
@@ -26,18 +26,11 @@ fn eu_table(standin: &StandIn, dir: &Path, client_secret_file: &Path) -> String 
 }
 
 async fn reloads(admin: &str, result: &str) -> f64 {
-    let text = client()
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    sum_of_series(
-        &text,
+    metric_at(
+        admin,
         &format!("goto_proxy_config_reloads_total{{result=\"{result}\"}}"),
     )
+    .await
     .unwrap_or(0.0)
 }
 

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::redis::RedisProcess;
-use common::{client, options_for, settings, start_proxy, wait_for, Proxy, PATIENCE};
+use common::{
+    client, metric_at, options_for, settings, start_proxy, wait_for, wait_ready_at, Proxy, PATIENCE,
+};
 use goto_auth_proxy::config::StoreUrl;
 use goto_auth_proxy::standin::{Fault, GrantShape, StandIn, StandInOptions};
 use redis::AsyncCommands as _;
@@ -134,18 +136,6 @@ async fn presented(url: &str) -> (u16, Option<u64>) {
         }
         Err(_) => (0, None),
     }
-}
-
-/// Waits until the binary's admin listener at `admin` reports ready.
-async fn wait_ready_at(admin: &str) {
-    let http = client();
-    wait_for("a replica to become ready", || async {
-        http.get(format!("http://{admin}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
 }
 
 async fn stored_refresh_token(redis: &RedisProcess) -> Option<String> {
@@ -407,7 +397,6 @@ async fn when_the_lease_holder_dies_mid_refresh_another_takes_over_and_nothing_i
     for admin in &admins {
         wait_ready_at(admin).await;
     }
-    let http = client();
     assert_eq!(
         standin.token_requests(),
         1,
@@ -428,15 +417,7 @@ async fn when_the_lease_holder_dies_mid_refresh_another_takes_over_and_nothing_i
     let leader = Mutex::new(None);
     wait_for("the lease holder to show in its metrics", || async {
         for (index, admin) in admins.iter().enumerate() {
-            let text = http
-                .get(format!("http://{admin}/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            if common::sum_of_series(&text, "goto_proxy_store_leader") == Some(1.0) {
+            if metric_at(admin, "goto_proxy_store_leader").await == Some(1.0) {
                 *leader.lock().unwrap() = Some(index);
                 return true;
             }

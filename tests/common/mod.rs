@@ -59,29 +59,42 @@ impl Proxy {
 
     /// Polls `/readyz` until it answers 200.
     pub async fn wait_ready(&self) {
-        let client = reqwest::Client::new();
-        wait_for("the proxy to become ready", || async {
-            client
-                .get(self.admin_url("/readyz"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-        })
-        .await;
+        wait_ready_at(&self.admin_addr.to_string()).await;
     }
 
     /// The sum of the series named as `series` says: a metric name and,
     /// optionally, labels in braces that each series must carry (others,
     /// such as `account`, may be there too). `None` when no series matches.
     pub async fn metric(&self, series: &str) -> Option<f64> {
-        let text = reqwest::get(self.admin_url("/metrics"))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        sum_of_series(&text, series)
+        metric_at(&self.admin_addr.to_string(), series).await
     }
+}
+
+/// [`Proxy::metric`] of the admin listener at `admin` (`host:port`), such
+/// as a binary's.
+pub async fn metric_at(admin: &str, series: &str) -> Option<f64> {
+    let text = client()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    sum_of_series(&text, series)
+}
+
+/// Polls `/readyz` of the admin listener at `admin` (`host:port`) until it
+/// answers 200.
+pub async fn wait_ready_at(admin: &str) {
+    let http = client();
+    wait_for("the proxy to become ready", || async {
+        http.get(format!("http://{admin}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
 }
 
 /// The sum of the values of the series in `text` that match `series` (see
