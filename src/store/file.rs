@@ -164,6 +164,12 @@ impl FileStore {
             })
     }
 
+    /// [`FileStore::put_blocking`] on a blocking thread.
+    pub async fn put(&self, state: &PersistedState, version: u64) -> Result<(), StoreError> {
+        let (store, state) = (self.clone(), state.clone());
+        run_blocking(move || store.put_blocking(&state, version)).await
+    }
+
     /// The compare-and-set of [`StateStore::save`], on the calling thread.
     fn save_if_blocking(&self, state: &PersistedState, based_on: u64) -> Result<u64, SaveError> {
         let outcome = self.locked(|| match self.load_versioned_blocking() {

@@ -505,14 +505,20 @@ impl Shared {
     }
 
     async fn copy_locally(&self, stored: &Versioned) {
-        let local = self.local.clone();
-        let (state, version) = (stored.state.clone(), stored.version);
-        let written = tokio::task::spawn_blocking(move || local.put_blocking(&state, version))
-            .await
-            .expect("state file task panicked");
-        if let Err(error) = written {
+        if let Err(error) = self.local.put(&stored.state, stored.version).await {
             tracing::warn!(account = %self.metrics.account(), error = %error,
                 "cannot update the local copy of the shared token state; Redis still holds it");
+        }
+    }
+
+    /// What this replica holds without Redis: `pending`, else its file.
+    async fn local_view(
+        &self,
+        pending: Option<Versioned>,
+    ) -> Result<Option<Versioned>, StoreError> {
+        match pending {
+            Some(mine) => Ok(Some(mine)),
+            None => self.local.load().await,
         }
     }
 
@@ -521,11 +527,7 @@ impl Shared {
     /// is written back, so that what other replicas wrote meanwhile is
     /// still heard of as newer.
     async fn save_alone(&self, state: PersistedState, based_on: u64) -> Result<u64, SaveError> {
-        let local = self.local.clone();
-        let copy = state.clone();
-        tokio::task::spawn_blocking(move || local.put_blocking(&copy, based_on))
-            .await
-            .expect("state file task panicked")?;
+        self.local.put(&state, based_on).await?;
         *self.pending.lock().expect("pending lock") = Some(Versioned {
             state,
             version: based_on,
@@ -793,24 +795,24 @@ impl StateStore for RedisStore {
         Box::pin(async move {
             let shared = &self.shared;
             let pending = shared.pending.lock().expect("pending lock").clone();
-            let best = match shared.fetch("load").await {
+            match shared.fetch("load").await {
                 Ok(Some(stored)) => {
                     shared.learn(stored.clone()).await;
-                    stored
+                    Ok(match pending {
+                        Some(mine) if based_state_is_newer(&mine, &stored) => Some(mine),
+                        _ => Some(stored),
+                    })
                 }
-                // Nothing in Redis (new, or it lost its data): the local copy.
-                Ok(None) => return Ok(pending.or(shared.local.load().await?)),
+                // Nothing in Redis (new, or it lost its data), or no Redis:
+                // what was saved here alone, else the local copy.
+                Ok(None) => shared.local_view(pending).await,
                 Err(error @ StoreError::Unavailable { .. }) => {
                     tracing::warn!(error = %error, path = %shared.local.path().display(),
                         "reading the local copy of the token state instead");
-                    return Ok(pending.or(shared.local.load().await?));
+                    shared.local_view(pending).await
                 }
-                Err(error) => return Err(error),
-            };
-            Ok(match pending {
-                Some(mine) if based_state_is_newer(&mine, &best) => Some(mine),
-                _ => Some(best),
-            })
+                Err(error) => Err(error),
+            }
         })
     }
 
