@@ -425,3 +425,42 @@ async fn a_held_lease_is_renewed_past_its_first_grant() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_state_written_without_a_notification_is_found_by_the_timed_reread() {
+    let Some(redis) = RedisProcess::start().await else {
+        return;
+    };
+    let (writer, reader) = (replica(&redis, None), replica(&redis, None));
+    let version = save(&writer.store, state("rt-announced", "at-1")).await;
+    let heard = tokio::time::timeout(PATIENCE, reader.store.changed(0))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(heard.version, version);
+    // A newer record lands without a PUBLISH (as when the notification was
+    // sent while the subscriber was away): only the re-read finds it.
+    let mut connection = redis.connection().await;
+    let keys: Vec<String> = connection.keys("goto-auth-proxy:*:state").await.unwrap();
+    let data = serde_json::json!({
+        "updated_at": unix_now(),
+        "secrets": {"refresh_token": "rt-unannounced"},
+    })
+    .to_string();
+    let _: () = connection
+        .hset_multiple(
+            &keys[0],
+            &[
+                ("version", (version + 1).to_string()),
+                ("fence", "0".to_owned()),
+                ("data", data),
+            ],
+        )
+        .await
+        .unwrap();
+    let found = tokio::time::timeout(PATIENCE, reader.store.changed(version))
+        .await
+        .expect("the timed re-read finds the unannounced state")
+        .unwrap();
+    assert_eq!(refresh_token_of(&found.state), "rt-unannounced");
+}
