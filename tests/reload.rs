@@ -82,10 +82,11 @@ async fn sighup_adds_and_removes_accounts_and_a_broken_file_changes_nothing() {
         reloads(&admin, "error").await >= 1.0
     })
     .await;
-    assert!(
-        running.log_text().contains("--rate-limit"),
-        "the log names the setting"
-    );
+    // The count can be read before the line that names the setting reaches the log.
+    wait_for("the log to name the setting", || async {
+        running.log_text().contains("--rate-limit")
+    })
+    .await;
     assert_eq!(status(&listen, "/acct/eu/G2M/rest/meetings").await, 200);
     assert_eq!(status(&listen, "/G2M/rest/meetings").await, 200);
 
