@@ -34,19 +34,62 @@ struct Upstream {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let per_core = args.first().is_some_and(|a| a == "--per-core");
+    if per_core {
+        args.remove(0);
+    }
     let (Some(listen), Some(upstream)) = (args.first(), args.get(1)) else {
-        eprintln!("usage: minimal_proxy LISTEN_ADDR UPSTREAM_URL [CA_FILE]");
+        eprintln!("usage: minimal_proxy [--per-core] LISTEN_ADDR UPSTREAM_URL [CA_FILE]");
         std::process::exit(64);
     };
     let listen: SocketAddr = listen.parse().expect("LISTEN_ADDR is host:port");
     let upstream = Arc::new(upstream_of(upstream, args.get(2)));
     let bearer = HeaderValue::try_from(format!("Bearer {}", "x".repeat(1500))).unwrap();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(serve(listen, upstream, bearer));
+    if !per_core {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(serve(bound(listen, false), upstream, bearer));
+        return;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads: Vec<_> = (0..cores)
+        .map(|_| {
+            let (upstream, bearer) = (upstream.clone(), bearer.clone());
+            let listener = bound(listen, true);
+            std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(serve(listener, upstream, bearer))
+            })
+        })
+        .collect();
+    for thread in threads {
+        let _ = thread.join();
+    }
+}
+
+/// A listening socket; with `shared`, one of several on the same address
+/// (`SO_REUSEPORT`: the kernel spreads connections over them).
+fn bound(addr: SocketAddr, shared: bool) -> std::net::TcpListener {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .unwrap();
+    socket.set_reuse_address(true).unwrap();
+    if shared {
+        socket.set_reuse_port(true).unwrap();
+    }
+    socket.set_nonblocking(true).unwrap();
+    socket.bind(&addr.into()).unwrap();
+    socket.listen(1024).unwrap();
+    socket.into()
 }
 
 fn upstream_of(url: &str, ca_file: Option<&String>) -> Upstream {
@@ -69,8 +112,8 @@ fn upstream_of(url: &str, ca_file: Option<&String>) -> Upstream {
     Upstream { addr, tls }
 }
 
-async fn serve(listen: SocketAddr, upstream: Arc<Upstream>, bearer: HeaderValue) {
-    let listener = TcpListener::bind(listen).await.unwrap();
+async fn serve(listener: std::net::TcpListener, upstream: Arc<Upstream>, bearer: HeaderValue) {
+    let listener = TcpListener::from_std(listener).unwrap();
     loop {
         let Ok((client, _)) = listener.accept().await else {
             continue;

@@ -25,7 +25,7 @@ use crate::proxy::route::{Route, RoutePolicy, Router, RoutingTable};
 use crate::proxy::upstream::{ConnectOptions, Pools, Upstream};
 use crate::proxy::ProxyService;
 use crate::reload::{Cause, Reload, Watched};
-use crate::server::{serve, Server, ServerOptions};
+use crate::server::{serve, Server, ServerOptions, Workers};
 use crate::shutdown::ShutdownSignal;
 use crate::shutdown::ShutdownTrigger;
 use crate::store::{StateStore, StoreError, Stores};
@@ -65,6 +65,8 @@ pub enum StartError {
     TaskFailed(Exit),
     #[error(transparent)]
     NoAuthority(#[from] NoAuthority),
+    #[error("cannot start the threads that serve connections: {0}")]
+    Workers(std::io::Error),
 }
 
 /// The proxy's and the admin listener's sockets, bound before [`run`] so a
@@ -207,7 +209,8 @@ pub async fn run_with_reload(
         drain_timeout: settings.drain_timeout,
         max_connections: settings.max_connections,
     };
-    let proxy_server = Arc::new(Server::new("proxy", server_options.clone()));
+    let workers = Arc::new(Workers::per_core("proxy").map_err(StartError::Workers)?);
+    let proxy_server = Arc::new(Server::new("proxy", server_options.clone()).on_workers(workers));
     let front = Arc::new(front_door(
         &settings,
         proxy.clone(),

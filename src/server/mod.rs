@@ -6,6 +6,7 @@
 
 mod limit;
 mod rewind;
+mod workers;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -26,6 +27,7 @@ use tokio_rustls::TlsAcceptor;
 
 pub use self::limit::{Admission, ConnectionLimit};
 pub use self::rewind::Rewind;
+pub use self::workers::Workers;
 use crate::metrics::Metrics;
 use crate::proxy::body::ProxyBody;
 use crate::shutdown::ShutdownSignal;
@@ -109,6 +111,8 @@ pub struct Server {
     /// Taken by the drain; a stream offered after it is not served.
     graceful: Mutex<Option<GracefulShutdown>>,
     options: ServerOptions,
+    /// Where accepted connections are served; the current runtime when `None`.
+    workers: Option<Arc<Workers>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -127,6 +131,15 @@ impl Server {
             builder: Arc::new(connection_builder(&options)),
             graceful: Mutex::new(Some(GracefulShutdown::new())),
             options,
+            workers: None,
+        }
+    }
+
+    /// The same server, serving the connections its listener accepts on `workers`.
+    pub fn on_workers(self, workers: Arc<Workers>) -> Self {
+        Self {
+            workers: Some(workers),
+            ..self
         }
     }
 
@@ -187,6 +200,36 @@ impl Server {
                 tracing::debug!(%peer, error = %error, "client connection ended with an error");
             }
         }
+    }
+
+    /// Runs `serve(stream)` in a task: on the next worker when there are
+    /// workers, the stream then moved to that worker's runtime (a socket is
+    /// watched by the runtime it is registered with).
+    fn spawn_with<F, T>(&self, stream: TcpStream, peer: SocketAddr, serve: F)
+    where
+        F: FnOnce(TcpStream) -> T + Send + 'static,
+        T: Future<Output = ()> + Send + 'static,
+    {
+        let Some(workers) = &self.workers else {
+            drop(tokio::spawn(serve(stream)));
+            return;
+        };
+        let name = self.name;
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::debug!(listener = name, %peer, error = %error, "cannot hand a connection to a worker");
+                return;
+            }
+        };
+        workers.spawn(async move {
+            match TcpStream::from_std(stream) {
+                Ok(stream) => serve(stream).await,
+                Err(error) => {
+                    tracing::debug!(listener = name, %peer, error = %error, "a worker cannot take a connection");
+                }
+            }
+        });
     }
 
     /// Waits, up to the drain timeout, for the connections still open.
@@ -266,17 +309,18 @@ fn spawn_connection<H: Accepting>(
 ) {
     let handler = handler.clone();
     match tls {
-        None => drop(tokio::spawn(
-            server.serve_stream(handler, connection, stream, peer),
-        )),
-        Some(acceptor) => drop(tokio::spawn(serve_tls(
-            server.clone(),
-            handler,
-            connection,
-            acceptor.clone(),
-            stream,
-            peer,
-        ))),
+        None => {
+            let serving = server.clone();
+            server.spawn_with(stream, peer, move |stream| {
+                serving.serve_stream(handler, connection, stream, peer)
+            });
+        }
+        Some(acceptor) => {
+            let (serving, acceptor) = (server.clone(), acceptor.clone());
+            server.spawn_with(stream, peer, move |stream| {
+                serve_tls(serving, handler, connection, acceptor, stream, peer)
+            });
+        }
     }
 }
 

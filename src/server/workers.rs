@@ -1,0 +1,118 @@
+//! Where client connections are served: one single-threaded tokio runtime
+//! per core, each on a thread of its own, as nginx's workers and HAProxy's
+//! threads run. A connection's task (its client socket, the upstream
+//! connection bound to it, its requests) stays on one thread from accept to
+//! close, so nothing on the request path is woken on, or stolen by, another
+//! thread. The listener, the admin endpoints and the refreshers stay on the
+//! main runtime. docs/performance.md has the measurement against tokio's
+//! work-stealing runtime.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+
+/// The worker runtimes; dropping this stops them, and with them every
+/// connection still served on them.
+#[derive(Debug)]
+pub struct Workers {
+    runtimes: Vec<Handle>,
+    /// Which runtime the next connection goes to.
+    next: AtomicUsize,
+    /// Each worker runs until its sender is dropped.
+    _stop: Vec<oneshot::Sender<()>>,
+}
+
+impl Workers {
+    /// One worker per core the process may use (the cgroup's CPU quota
+    /// included), named `{name}-worker-N`.
+    pub fn per_core(name: &str) -> std::io::Result<Self> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::start(name, cores)
+    }
+
+    /// `count` workers (at least one).
+    pub fn start(name: &str, count: usize) -> std::io::Result<Self> {
+        let mut runtimes = Vec::new();
+        let mut stop = Vec::new();
+        for index in 0..count.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtimes.push(runtime.handle().clone());
+            let (stop_sender, stopped) = oneshot::channel::<()>();
+            stop.push(stop_sender);
+            std::thread::Builder::new()
+                .name(format!("{name}-worker-{index}"))
+                .spawn(move || {
+                    // The runtime is dropped on this thread, outside any
+                    // runtime, which is where tokio allows it.
+                    let _ = runtime.block_on(stopped);
+                })?;
+        }
+        Ok(Self {
+            runtimes,
+            next: AtomicUsize::new(0),
+            _stop: stop,
+        })
+    }
+
+    /// Runs `task` on the next worker in turn.
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.runtimes.len();
+        drop(self.runtimes[index].spawn(task));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn tasks_are_spread_over_every_worker_in_turn() {
+        let workers = Workers::start("test", 3).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (done, mut finished) = tokio::sync::mpsc::unbounded_channel();
+        for _ in 0..6 {
+            let (seen, done) = (seen.clone(), done.clone());
+            workers.spawn(async move {
+                let thread = std::thread::current().name().unwrap().to_owned();
+                seen.lock().unwrap().push(thread);
+                done.send(()).unwrap();
+            });
+        }
+        for _ in 0..6 {
+            finished.recv().await.unwrap();
+        }
+        let seen = seen.lock().unwrap();
+        let threads: HashSet<&str> = seen.iter().map(String::as_str).collect();
+        let expected: HashSet<&str> = ["test-worker-0", "test-worker-1", "test-worker-2"].into();
+        assert_eq!(threads, expected);
+        for thread in &expected {
+            assert_eq!(seen.iter().filter(|t| t == thread).count(), 2, "{seen:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn dropping_the_workers_ends_the_tasks_on_them() {
+        let workers = Workers::start("test", 2).unwrap();
+        let (started, mut running) = tokio::sync::mpsc::unbounded_channel();
+        let (kept, mut ended) = tokio::sync::mpsc::unbounded_channel::<()>();
+        workers.spawn(async move {
+            let _kept = kept;
+            started.send(()).unwrap();
+            std::future::pending::<()>().await;
+        });
+        running.recv().await.unwrap();
+        drop(workers);
+        // The task's sender is dropped with the task when its runtime stops.
+        assert!(ended.recv().await.is_none());
+    }
+}
