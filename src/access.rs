@@ -53,7 +53,8 @@ pub struct Pending {
     uri: http::Uri,
     declared_length: Option<u64>,
     started: Instant,
-    /// Whether lines are written, and this one is still to be.
+    /// Whether the line is still to be written: by this value, should the
+    /// client leave first, else by the [`Line`] it becomes.
     unwritten: bool,
 }
 
@@ -99,7 +100,7 @@ impl AccessLog {
             uri: request.uri().clone(),
             declared_length,
             started: Instant::now(),
-            unwritten: self.enabled,
+            unwritten: self.enabled && recorded(),
         }
     }
 
@@ -107,16 +108,18 @@ impl AccessLog {
     /// be written once the response body has been sent or dropped.
     pub fn finish(
         &self,
-        pending: Pending,
+        mut pending: Pending,
         mut response: Response<ProxyBody>,
         note: Note,
     ) -> Response<ProxyBody> {
         response
             .headers_mut()
             .insert(REQUEST_ID, pending.request_id.clone());
-        if !self.enabled {
+        if !pending.unwritten {
             return response;
         }
+        // From here the line is the `Line`'s to write, not the `Pending`'s.
+        pending.unwritten = false;
         let line = Line {
             status: response.status().as_u16(),
             pending,
@@ -217,6 +220,13 @@ fn write_line(pending: &Pending, status: u16, note: &Note, bytes_out: u64, compl
 }
 
 /// Whether a client-given request id can be passed on and logged as it is.
+/// Whether the subscriber records access lines at all: with `RUST_LOG=warn`
+/// or `access=off` a request costs no line's bookkeeping (a boxed body
+/// counting bytes).
+fn recorded() -> bool {
+    tracing::enabled!(target: TARGET, tracing::Level::INFO)
+}
+
 fn usable_id(value: &HeaderValue) -> bool {
     let bytes = value.as_bytes();
     !bytes.is_empty() && bytes.len() <= MAX_REQUEST_ID && bytes.iter().all(|b| b.is_ascii_graphic())

@@ -689,6 +689,14 @@ async fn the_access_log_has_a_line_per_request_and_no_secret_or_query() {
     assert_eq!(second["bytes_in"], 12);
     assert_eq!(second["bytes_out"], 12);
     let log = running.stop().await;
+    for id in ["trace-me-42", made_id.as_str()] {
+        let written = log
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|line| line["target"] == "access" && line["request_id"] == id)
+            .count();
+        assert_eq!(written, 1, "one line for request {id}:\n{log}");
+    }
     assert!(
         !log.contains("ann%40example.com") && !log.contains("email="),
         "{log}"
