@@ -242,7 +242,8 @@ impl UpstreamPki {
     }
 
     /// Forward mode with its CA in `dir`, and every connection to
-    /// `api.getgo.com` (reverse mode's upstream too) sent to the stand-in.
+    /// `api.getgo.com` (reverse mode's upstream too) sent to the stand-in,
+    /// with no rate shaping.
     fn configure(
         &self,
         run: &mut crate::config::RunOptions,
@@ -262,6 +263,10 @@ impl UpstreamPki {
         run.upstream_ca_file = Some(upstream_ca);
         run.forward = Some(true);
         run.connect_to = Some(format!("{INTERCEPTED_HOST}:443:127.0.0.1:{port}"));
+        // The upstream is named as a GoTo host, so GoTo's default rate
+        // limit (10 per second) would shape every request: the benchmark
+        // measures the proxy, not that limit.
+        run.rate_limit = Some("0".into());
         Ok(())
     }
 }

@@ -565,6 +565,19 @@ fn bench_forward_compares_intercepted_requests_with_reverse_mode() {
             "no {row} row:\n{stdout}"
         );
     }
+    // The intercepted host is named as a GoTo API host: shaped to GoTo's 10
+    // requests per second, two connections would wait about 200 ms a request.
+    let intercepted_p50: f64 = stdout
+        .lines()
+        .find(|l| l.starts_with("intercepted"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|p50| p50.strip_suffix("ms"))
+        .and_then(|p50| p50.parse().ok())
+        .unwrap_or_else(|| panic!("no p50 in:\n{stdout}"));
+    assert!(
+        intercepted_p50 < 100.0,
+        "intercepted requests were rate-shaped:\n{stdout}"
+    );
 }
 
 #[test]
