@@ -110,7 +110,7 @@ def main():
                  "--upstream", f"http://127.0.0.1:{up_port}", "--token-lifetime", "3600s"],
                 f"http://127.0.0.1:{gap_port}/bench", work, args.seconds),
             "nginx": measure("nginx", nginx, f"http://127.0.0.1:{ngx_port}/bench", work, args.seconds),
-            "minimal": measure("minimal", [minimal, f"127.0.0.1:{min_port}", f"http://127.0.0.1:{up_port}"],
+            "minimal": measure("minimal", [minimal, "--per-core", f"127.0.0.1:{min_port}", f"http://127.0.0.1:{up_port}"],
                                f"http://127.0.0.1:{min_port}/bench", work, args.seconds),
         }
         print("user-space instructions per proxied request (callgrind, one keep-alive connection)")

@@ -11,8 +11,9 @@ on a shared machine falls on all of them alike:
   nginx    wrk -> nginx injecting the same ~1.5 KB bearer header -> upstream
   haproxy  wrk -> HAProxy (http-request set-header, http-reuse always) -> upstream
   minimal  wrk -> benches/minimal_proxy.rs: hyper, one upstream connection per
-           client connection, the header inserted, nothing else (the floor
-           of what hyper costs for this job) -> upstream
+           client connection, the header inserted, nothing else, one
+           single-threaded runtime per core as the proxy runs (the floor of
+           what hyper costs for this job) -> upstream
 
 nginx runs 2 workers and HAProxy 2 threads, as many as the machine has cores
 here. Prints req/s, p50 and p99 latency and peak RSS for each, and the ratios
@@ -215,7 +216,8 @@ def main():
         processes.append(nginx)
         haproxy = start_haproxy(work, hap_port, up_port, args.tls)
         processes.append(haproxy)
-        minimal_command = [os.path.join(ROOT, "target/release/examples/minimal_proxy"),
+        # Laid out as the proxy is: one single-threaded runtime per core.
+        minimal_command = [os.path.join(ROOT, "target/release/examples/minimal_proxy"), "--per-core",
                            f"127.0.0.1:{min_port}", upstream_url]
         if args.tls:
             minimal_command.append(os.path.join(certs, "test-ca.pem"))

@@ -4,9 +4,15 @@
 //! header inserted, and nothing else happens (no token source, no metrics,
 //! no logs, no limits, no retry).
 //!
+//! By default it runs on tokio's work-stealing runtime; with `--per-core`,
+//! on one single-threaded runtime per core, each accepting from its own
+//! `SO_REUSEPORT` listener (as nginx's workers do), which is how
+//! `benches/load.py` runs it.
+//!
 //! ```sh
 //! cargo build --release --example minimal_proxy
 //! target/release/examples/minimal_proxy 127.0.0.1:18080 http://127.0.0.1:18081
+//! target/release/examples/minimal_proxy --per-core 127.0.0.1:18080 http://127.0.0.1:18081
 //! target/release/examples/minimal_proxy 127.0.0.1:18080 https://localhost:18443 certs/test-ca.pem
 //! ```
 //!
