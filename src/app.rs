@@ -210,7 +210,8 @@ pub async fn run_with_reload(
         max_connections: settings.max_connections,
     };
     let workers = Arc::new(Workers::per_core("proxy").map_err(StartError::Workers)?);
-    let proxy_server = Arc::new(Server::new("proxy", server_options.clone()).on_workers(workers));
+    let proxy_server =
+        Arc::new(Server::new("proxy", server_options.clone()).on_workers(workers.clone()));
     let front = Arc::new(front_door(
         &settings,
         proxy.clone(),
@@ -290,6 +291,7 @@ pub async fn run_with_reload(
     if !drained {
         let _ = serving.await;
     }
+    workers.stop();
     // The refreshers outlive the drain: a request in flight may still need a refresh.
     for running in state.accounts.values() {
         running.stop.trigger();

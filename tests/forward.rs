@@ -437,3 +437,27 @@ async fn connect_to_also_sends_the_token_endpoints_connections() {
         .unwrap();
     assert_eq!(response.status(), 200);
 }
+
+/// An intercepted request the drain gave up on is closed when the proxy
+/// stops, not left running: the connections inside tunnels are served by
+/// the same workers, and the proxy may be one part of a longer-lived process.
+#[tokio::test]
+async fn an_intercepted_request_past_the_drain_is_closed_when_the_proxy_stops() {
+    let f = start(|options, _| options.drain_timeout = Some("1s".into())).await;
+    let mut sender = intercepted_sender(f.proxy.addr, "api.getgo.com", &f.ca).await;
+    let request = http::Request::get("/sleep/600000")
+        .header("host", "api.getgo.com")
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    // The stand-in answers this after ten minutes.
+    let stuck = tokio::spawn(async move { sender.send_request(request).await });
+    common::wait_for("the request to reach the upstream", || async {
+        !f.goto.recorded_requests().is_empty()
+    })
+    .await;
+    f.proxy.stop().await.unwrap();
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(30), stuck)
+        .await
+        .expect("the request is still open after the proxy stopped");
+    assert!(ended.unwrap().is_err(), "an answer came after all");
+}

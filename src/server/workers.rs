@@ -9,19 +9,20 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
-/// The worker runtimes; dropping this stops them, and with them every
-/// connection still served on them.
+/// The worker runtimes; [`Workers::stop`] (or dropping this) stops them,
+/// and with them every connection still served on them.
 #[derive(Debug)]
 pub struct Workers {
     runtimes: Vec<Handle>,
     /// Which runtime the next connection goes to.
     next: AtomicUsize,
     /// Each worker runs until its sender is dropped.
-    _stop: Vec<oneshot::Sender<()>>,
+    running: Mutex<Vec<oneshot::Sender<()>>>,
 }
 
 impl Workers {
@@ -54,8 +55,18 @@ impl Workers {
         Ok(Self {
             runtimes,
             next: AtomicUsize::new(0),
-            _stop: stop,
+            running: Mutex::new(stop),
         })
+    }
+
+    /// Stops every worker: what still runs on them (connections the drain
+    /// gave up on, tunnels) is dropped, closing its sockets. Their tasks
+    /// hold the server that holds these workers, so this is not left to `Drop`.
+    pub fn stop(&self) {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// Runs `task` on the next worker in turn.
@@ -101,7 +112,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn dropping_the_workers_ends_the_tasks_on_them() {
+    async fn stopping_the_workers_ends_the_tasks_on_them() {
         let workers = Workers::start("test", 2).unwrap();
         let (started, mut running) = tokio::sync::mpsc::unbounded_channel();
         let (kept, mut ended) = tokio::sync::mpsc::unbounded_channel::<()>();
@@ -111,7 +122,7 @@ mod tests {
             std::future::pending::<()>().await;
         });
         running.recv().await.unwrap();
-        drop(workers);
+        workers.stop();
         // The task's sender is dropped with the task when its runtime stops.
         assert!(ended.recv().await.is_none());
     }
