@@ -219,7 +219,6 @@ fn write_line(pending: &Pending, status: u16, note: &Note, bytes_out: u64, compl
     );
 }
 
-/// Whether a client-given request id can be passed on and logged as it is.
 /// Whether the subscriber records access lines at all: with `RUST_LOG=warn`
 /// or `access=off` a request costs no line's bookkeeping (a boxed body
 /// counting bytes).
@@ -227,6 +226,7 @@ fn recorded() -> bool {
     tracing::enabled!(target: TARGET, tracing::Level::INFO)
 }
 
+/// Whether a client-given request id can be passed on and logged as it is.
 fn usable_id(value: &HeaderValue) -> bool {
     let bytes = value.as_bytes();
     !bytes.is_empty() && bytes.len() <= MAX_REQUEST_ID && bytes.iter().all(|b| b.is_ascii_graphic())

@@ -218,7 +218,7 @@ pub async fn run_with_reload(
         &proxy_server,
         pools.clone(),
     )?);
-    log_start(&settings, &listeners);
+    log_start(&settings, &listeners, &workers);
     let (stop_serving, serving_signal) = crate::shutdown::channel();
     supervisor.spawn(
         "admin listener",
@@ -602,7 +602,7 @@ fn route_policy(settings: &Settings) -> RoutePolicy {
     }
 }
 
-fn log_start(settings: &Settings, listeners: &Listeners) {
+fn log_start(settings: &Settings, listeners: &Listeners, workers: &Workers) {
     let address = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let scheme = if settings.access.listener_tls.is_some() {
         "https"
@@ -617,6 +617,7 @@ fn log_start(settings: &Settings, listeners: &Listeners) {
         client_key = settings.access.client_key.is_some(),
         allow_requests = %settings.access.allow_requests,
         max_connections = settings.max_connections,
+        worker_threads = workers.count(),
         "goto-auth-proxy {} forwarding; point API clients at {scheme}://{}",
         env!("CARGO_PKG_VERSION"),
         address(&listeners.proxy),

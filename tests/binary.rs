@@ -772,3 +772,42 @@ async fn a_request_whose_client_leaves_is_logged_as_499() {
     .await;
     running.stop().await;
 }
+
+/// Connections are served on one thread per core the process may use: run
+/// on one CPU (`taskset`, as a container's CPU limit of 1 would), it starts
+/// one, says so, and serves.
+#[tokio::test]
+async fn one_worker_thread_per_core_the_process_may_use() {
+    let standin = StandIn::start(StandInOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let command = run_command(&standin, dir.path(), &standin.refresh_token());
+    let mut pinned = std::process::Command::new("taskset");
+    pinned
+        .args(["--cpu-list", "0"])
+        .arg(command.get_program())
+        .args(command.get_args())
+        .env_clear();
+    for (name, value) in command.get_envs() {
+        if let Some(value) = value {
+            pinned.env(name, value);
+        }
+    }
+    let running = Running::spawn(pinned);
+    assert_eq!(running.logged_value("worker_threads").await, "1");
+    let listen = running.logged_value("listen").await;
+    wait_for("an answer through the one worker", || async {
+        client()
+            .get(format!("http://{listen}/G2M/rest/meetings"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let threads = std::fs::read_dir(format!("/proc/{}/task", running.child.id()))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("proxy-worker"))
+        .count();
+    assert_eq!(threads, 1);
+    running.stop().await;
+}

@@ -69,6 +69,11 @@ impl Workers {
             .clear();
     }
 
+    /// How many workers there are.
+    pub fn count(&self) -> usize {
+        self.runtimes.len()
+    }
+
     /// Runs `task` on the next worker in turn.
     pub fn spawn<F>(&self, task: F)
     where
@@ -103,6 +108,7 @@ mod tests {
             finished.recv().await.unwrap();
         }
         let seen = seen.lock().unwrap();
+        assert_eq!(workers.count(), 3);
         let threads: HashSet<&str> = seen.iter().map(String::as_str).collect();
         let expected: HashSet<&str> = ["test-worker-0", "test-worker-1", "test-worker-2"].into();
         assert_eq!(threads, expected);
