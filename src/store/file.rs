@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -33,10 +33,7 @@ fn parse_versioned(bytes: &[u8]) -> Result<Versioned, (usize, usize)> {
     Ok(Versioned {
         version: file.version,
         state: PersistedState {
-            refresh_token: file
-                .refresh_token
-                .filter(|t| !t.is_empty())
-                .map(SecretString::from),
+            refresh_token: super::stored_secret(file.refresh_token),
             refresh_token_first_seen: file.refresh_token_first_seen,
             principal: file.principal,
             access_token: None,
@@ -368,6 +365,8 @@ fn warn_if_exposed(path: &Path) {
 
 #[cfg(test)]
 mod tests {
+    use secrecy::SecretString;
+
     use super::*;
 
     fn state(token: &str) -> PersistedState {

@@ -48,6 +48,11 @@ pub struct PersistedState {
     pub updated_at: u64,
 }
 
+/// A token as a store read it: an empty one counts as none.
+fn stored_secret(value: Option<String>) -> Option<SecretString> {
+    value.filter(|t| !t.is_empty()).map(SecretString::from)
+}
+
 /// A stored state and its version, which grows by one with every save.
 #[derive(Clone, Debug)]
 pub struct Versioned {

@@ -447,16 +447,10 @@ impl Shared {
         Ok(Versioned {
             version,
             state: PersistedState {
-                refresh_token: secrets
-                    .refresh_token
-                    .filter(|t| !t.is_empty())
-                    .map(SecretString::from),
+                refresh_token: super::stored_secret(secrets.refresh_token),
                 refresh_token_first_seen: record.refresh_token_first_seen,
                 principal: secrets.principal,
-                access_token: secrets
-                    .access_token
-                    .filter(|t| !t.is_empty())
-                    .map(SecretString::from),
+                access_token: super::stored_secret(secrets.access_token),
                 access_token_expires_at: record
                     .access_token_expires_at_ms
                     .map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
