@@ -742,6 +742,34 @@ async fn the_access_log_can_be_turned_off() {
     assert!(!log.contains("\"target\":\"access\""));
 }
 
+/// With access lines filtered out (`RUST_LOG=warn`) none is made, and the
+/// request id still goes upstream and back.
+#[tokio::test]
+async fn filtered_access_lines_keep_the_request_id() {
+    let standin = StandIn::start(StandInOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = run_command(&standin, dir.path(), &standin.refresh_token());
+    command
+        .args(["--log-format", "json"])
+        .env("RUST_LOG", "warn,goto_auth_proxy::app=info");
+    let running = Running::spawn(command);
+    let listen = running.logged_json_value("listen").await;
+    let response = client()
+        .get(format!("http://{listen}/G2M/rest/meetings"))
+        .header("x-request-id", "kept-when-filtered")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-request-id"], "kept-when-filtered");
+    assert_eq!(
+        standin.recorded_requests()[0].headers["x-request-id"],
+        "kept-when-filtered"
+    );
+    let log = running.stop().await;
+    assert!(!log.contains("\"target\":\"access\""), "{log}");
+}
+
 #[tokio::test]
 async fn a_request_whose_client_leaves_is_logged_as_499() {
     let standin = StandIn::start(StandInOptions::default()).await.unwrap();
