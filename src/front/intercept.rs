@@ -233,13 +233,6 @@ fn names_tunnel_host(request: &Request<Incoming>, tunnel: &Intercepted) -> Resul
 impl Handler for Interceptor {
     type Connection = Intercepted;
 
-    fn drive<'a>(
-        &self,
-        connection: &'a Intercepted,
-    ) -> impl std::future::Future<Output = ()> + Send + 'a {
-        connection.affinity.drive()
-    }
-
     async fn handle(
         &self,
         connection: &Intercepted,

@@ -297,13 +297,6 @@ fn shown_host(host: &str) -> String {
 impl Handler for FrontDoor {
     type Connection = Client;
 
-    fn drive<'a>(
-        &self,
-        connection: &'a Client,
-    ) -> impl std::future::Future<Output = ()> + Send + 'a {
-        connection.affinity.drive()
-    }
-
     async fn handle(
         &self,
         connection: &Client,

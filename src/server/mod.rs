@@ -12,7 +12,6 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -41,10 +40,6 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 pub trait Handler: Send + Sync + 'static {
     /// What the handler keeps for the life of one client connection.
     type Connection: Send + Sync + 'static;
-
-    /// Work of the connection's own, polled beside it in its task (such as
-    /// an upstream connection bound to it); never completes.
-    fn drive<'a>(&self, connection: &'a Self::Connection) -> impl Future<Output = ()> + Send + 'a;
 
     /// Answers one request arriving on `connection`; errors are answers too.
     fn handle(
@@ -75,10 +70,6 @@ impl<A: Answer> Accepting for A {
 
 impl<A: Answer> Handler for A {
     type Connection = ();
-
-    fn drive<'a>(&self, _connection: &'a ()) -> impl Future<Output = ()> + Send + 'a {
-        std::future::pending()
-    }
 
     fn handle(
         &self,
@@ -175,27 +166,15 @@ impl Server {
                 return;
             };
             let state = Arc::new(connection);
-            let driver = handler.drive(&state);
-            let service = hyper::service::service_fn({
+            let service = hyper::service::service_fn(move |request| {
+                let handler = handler.clone();
                 let state = state.clone();
-                move |request| {
-                    let handler = handler.clone();
-                    let state = state.clone();
-                    async move { Ok::<_, Infallible>(handler.handle(&state, request).await) }
-                }
+                async move { Ok::<_, Infallible>(handler.handle(&state, request).await) }
             });
             let connection = builder
                 .serve_connection_with_upgrades(TokioIo::new(Rewind::new(prefix, stream)), service)
                 .into_owned();
-            let served = watcher.watch(connection);
-            let (mut served, mut driver) = (std::pin::pin!(served), std::pin::pin!(driver));
-            // The connection first: what it does (a request sent upstream) is then
-            // carried out by the driver in the same poll.
-            let result = std::future::poll_fn(|cx| match served.as_mut().poll(cx) {
-                Poll::Ready(result) => Poll::Ready(result),
-                Poll::Pending => driver.as_mut().poll(cx).map(|()| Ok(())),
-            })
-            .await;
+            let result = watcher.watch(connection).await;
             if let Err(error) = result {
                 tracing::debug!(%peer, error = %error, "client connection ended with an error");
             }
