@@ -118,8 +118,8 @@ fn request_path(c: &mut Criterion) {
             |parts| {
                 let route = router.route(parts, None).unwrap();
                 let bearer = route.tokens.current().unwrap().unwrap();
-                let uri = route.upstream.uri_for(&parts.uri).unwrap();
-                black_box(upstream_request(parts, uri, &bearer, ProxyBody::Empty))
+                let target = route.upstream.target_for(&parts.uri).unwrap();
+                black_box(upstream_request(parts, target, &bearer, ProxyBody::Empty))
             },
             BatchSize::SmallInput,
         )
@@ -132,8 +132,8 @@ fn request_path(c: &mut Criterion) {
                 let admitted = route.shaper.admit(api_of(parts.uri.path()));
                 black_box(admitted.now_or_never().expect("no wait").unwrap());
                 let bearer = route.tokens.current().unwrap().unwrap();
-                let uri = route.upstream.uri_for(&parts.uri).unwrap();
-                black_box(upstream_request(parts, uri, &bearer, ProxyBody::Empty))
+                let target = route.upstream.target_for(&parts.uri).unwrap();
+                black_box(upstream_request(parts, target, &bearer, ProxyBody::Empty))
             },
             BatchSize::SmallInput,
         )

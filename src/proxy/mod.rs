@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 
@@ -123,7 +124,7 @@ impl ProxyService {
         note: &mut Note,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         self.rules.load().check(&parts.method, parts.uri.path())?;
-        let uri = upstream.uri_for(&parts.uri)?;
+        let target = upstream.target_for(&parts.uri)?;
         admit(route, rate::api_of(parts.uri.path()), note).await?;
         let upgrade = upgrade::requested(&mut parts);
         let body = read_up_to(body, route.policy.retry_body_limit)
@@ -141,7 +142,7 @@ impl ProxyService {
         loop {
             let within = retry.next_send()?;
             note.retried = retry.sends() > 1;
-            let mut request = upstream_request(&parts, uri.clone(), &bearer, body);
+            let mut request = upstream_request(&parts, target.clone(), &bearer, body);
             if let Some(upgrade) = &upgrade {
                 upgrade.ask(request.headers_mut());
             }
@@ -382,16 +383,16 @@ async fn acquire(route: &Route) -> Result<Bearer, ProxyError> {
 }
 
 /// Builds the upstream request: same method and headers (rewritten), the
-/// upstream URI, and the proxy's token.
+/// upstream target (see [`Upstream::target_for`]), and the proxy's token.
 pub fn upstream_request(
     parts: &Parts,
-    uri: Uri,
+    target: PathAndQuery,
     bearer: &Bearer,
     body: ProxyBody,
 ) -> Request<ProxyBody> {
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = uri;
+    *request.uri_mut() = Uri::from(target);
     // The pool picks HTTP/1.1 or HTTP/2 per connection; the client's version does not carry over.
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() =

@@ -129,40 +129,34 @@ impl Upstream {
         &self.url
     }
 
-    /// The upstream URI for a client's request URI: the base path joined with
-    /// the request's path (dot segments resolved, so it cannot leave the
-    /// base path) and query. Only the path and query of the client's URI are
-    /// used, so an absolute-form request cannot redirect the token.
-    pub fn uri_for(&self, requested: &Uri) -> Result<Uri, ProxyError> {
-        let invalid = || ProxyError::BadRequest("the request path is not valid".into());
-        let requested_path = requested.path();
-        let resolved = path::without_dot_segments(requested_path);
-        if !self.url.base_path.is_empty() && path::has_encoded_separator(&resolved) {
+    /// The request target upstream (origin form) for a client's request
+    /// URI: the base path joined with the request's path (dot segments
+    /// resolved, so it cannot leave the base path) and query. Only the path
+    /// and query of the client's URI are used, so an absolute-form request
+    /// cannot redirect the token. The scheme and authority are the
+    /// upstream's, added where a connection needs them ([`Upstream::send`]).
+    pub fn target_for(&self, requested: &Uri) -> Result<PathAndQuery, ProxyError> {
+        let resolved = path::without_dot_segments(requested.path());
+        if self.url.base_path.is_empty() {
+            return Ok(match resolved {
+                std::borrow::Cow::Borrowed(_) => requested
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
+                std::borrow::Cow::Owned(path) => joined("", &path, requested.query())?,
+            });
+        }
+        if path::has_encoded_separator(&resolved) {
             return Err(ProxyError::BadRequest(
                 "the request path holds a percent-encoded / or \\, which could leave the upstream's base path"
                     .into(),
             ));
         }
-        let path_and_query = match (self.url.base_path.as_str(), &resolved, requested.query()) {
-            ("", std::borrow::Cow::Borrowed(_), _) => requested
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-            (base, resolved, query) => {
-                let query = query.map(|q| format!("?{q}")).unwrap_or_default();
-                PathAndQuery::try_from(format!("{base}{resolved}{query}")).map_err(|_| invalid())?
-            }
-        };
-        Uri::builder()
-            .scheme(self.url.scheme.clone())
-            .authority(self.url.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|_| invalid())
+        joined(&self.url.base_path, &resolved, requested.query())
     }
 
-    /// Sends `request` (with an absolute URI, as [`Upstream::uri_for`] makes)
-    /// once, and waits up to `within` for the response headers. `affinity`
+    /// Sends `request` (with the origin-form target [`Upstream::target_for`]
+    /// makes) once, and waits up to `within` for the response headers. `affinity`
     /// is the client connection's binding; HTTP/2 client streams, which run
     /// side by side, go without. Returns the time it took with the response.
     pub async fn send(
@@ -194,8 +188,7 @@ impl Upstream {
                 .open_for_upgrade()
                 .await
                 .map_err(|e| AttemptError::Fatal(ProxyError::UpstreamUnreachable(chain(&e))))?;
-            let absolute = request.uri().clone();
-            self.address(&mut request, &absolute, false);
+            self.address(&mut request, false);
             sender
                 .send_request(request)
                 .await
@@ -212,24 +205,20 @@ impl Upstream {
         affinity: Option<&Affinity>,
         mut request: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, AttemptError> {
-        let absolute = request.uri().clone();
         let idempotent = request.method().is_idempotent();
         let Lease { mut sender, reused } = self
             .pool
             .checkout(affinity)
             .await
             .map_err(|e| AttemptError::Fatal(ProxyError::UpstreamUnreachable(chain(&e))))?;
-        self.address(&mut request, &absolute, sender.is_http2());
+        self.address(&mut request, sender.is_http2());
         match sender.send(request).await {
             Ok(response) => {
                 self.pool.checkin(affinity, sender);
                 Ok(response)
             }
             // The connection closed while idle; the request never left.
-            Err(SendError::NotSent(mut back)) => {
-                *back.uri_mut() = absolute;
-                Err(AttemptError::NotSent(back))
-            }
+            Err(SendError::NotSent(back)) => Err(AttemptError::NotSent(back)),
             // A reused HTTP/1 connection that closed before any answer is
             // most likely the upstream's keep-alive timeout racing the
             // request; RFC 9112 §9.3.1 allows idempotent ones to be sent again.
@@ -248,19 +237,28 @@ impl Upstream {
 
     /// HTTP/1 takes the origin form and a `Host` header; HTTP/2 the absolute
     /// URI, from which hyper makes `:scheme` and `:authority`.
-    fn address(&self, request: &mut Request<ProxyBody>, absolute: &Uri, http2: bool) {
+    fn address(&self, request: &mut Request<ProxyBody>, http2: bool) {
         if http2 {
-            *request.uri_mut() = absolute.clone();
+            let mut parts = std::mem::take(request.uri_mut()).into_parts();
+            parts.scheme = Some(self.url.scheme.clone());
+            parts.authority = Some(self.url.authority.clone());
+            *request.uri_mut() =
+                Uri::from_parts(parts).expect("a scheme, an authority and a path make a URI");
             request.headers_mut().remove(HOST);
         } else {
-            let origin = absolute
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/"));
-            *request.uri_mut() = Uri::from(origin);
             request.headers_mut().insert(HOST, self.host.clone());
         }
     }
+}
+
+/// `base` + `path` + `?query` as a request target.
+fn joined(base: &str, path: &str, query: Option<&str>) -> Result<PathAndQuery, ProxyError> {
+    let target = match query {
+        Some(query) => format!("{base}{path}?{query}"),
+        None => format!("{base}{path}"),
+    };
+    PathAndQuery::try_from(target)
+        .map_err(|_| ProxyError::BadRequest("the request path is not valid".into()))
 }
 
 /// A connector for https and http upstreams that offers HTTP/1.1 by ALPN,
@@ -333,34 +331,31 @@ mod tests {
         Upstream::new(UpstreamUrl::parse(url, true).unwrap(), &pools())
     }
 
-    fn joined(upstream: &Upstream, requested: &str) -> Result<String, ProxyError> {
+    fn target(upstream: &Upstream, requested: &str) -> Result<String, ProxyError> {
         upstream
-            .uri_for(&requested.parse().unwrap())
-            .map(|uri| uri.to_string())
+            .target_for(&requested.parse().unwrap())
+            .map(|target| target.to_string())
     }
 
     #[test]
     fn a_client_path_cannot_leave_the_base_path() {
         let prefixed = upstream("https://egress.example/goto");
         for (requested, expected) in [
-            (
-                "/G2M/rest/meetings?x=1",
-                "https://egress.example/goto/G2M/rest/meetings?x=1",
-            ),
-            ("/../admin", "https://egress.example/goto/admin"),
-            ("/a/../../../admin?q", "https://egress.example/goto/admin?q"),
-            ("/%2e%2e/admin", "https://egress.example/goto/admin"),
-            ("/./a/.", "https://egress.example/goto/a/"),
+            ("/G2M/rest/meetings?x=1", "/goto/G2M/rest/meetings?x=1"),
+            ("/../admin", "/goto/admin"),
+            ("/a/../../../admin?q", "/goto/admin?q"),
+            ("/%2e%2e/admin", "/goto/admin"),
+            ("/./a/.", "/goto/a/"),
         ] {
             assert_eq!(
-                joined(&prefixed, requested).unwrap(),
+                target(&prefixed, requested).unwrap(),
                 expected,
                 "{requested}"
             );
         }
         for smuggled in ["/..%2fadmin", "/a/%2F..%2F..%2Fadmin", "/..%5cadmin"] {
             assert!(
-                matches!(joined(&prefixed, smuggled), Err(ProxyError::BadRequest(_))),
+                matches!(target(&prefixed, smuggled), Err(ProxyError::BadRequest(_))),
                 "{smuggled}"
             );
         }
@@ -370,13 +365,10 @@ mod tests {
     fn without_a_base_path_dot_segments_are_resolved_too() {
         let plain = upstream("https://api.getgo.com");
         assert_eq!(
-            joined(&plain, "/G2W/../admin/rest?a=b").unwrap(),
-            "https://api.getgo.com/admin/rest?a=b"
+            target(&plain, "/G2W/../admin/rest?a=b").unwrap(),
+            "/admin/rest?a=b"
         );
-        assert_eq!(
-            joined(&plain, "/G2W/rest/x").unwrap(),
-            "https://api.getgo.com/G2W/rest/x"
-        );
+        assert_eq!(target(&plain, "/G2W/rest/x").unwrap(), "/G2W/rest/x");
     }
 
     #[test]
