@@ -212,6 +212,13 @@ struct IdleConnection {
     home: Home,
 }
 
+impl IdleConnection {
+    /// Still open, and idle for less than [`IDLE_TIMEOUT`].
+    fn worth_keeping(&self) -> bool {
+        !self.sender.is_closed() && self.since.elapsed() < IDLE_TIMEOUT
+    }
+}
+
 /// The thread a connection's socket is registered with, when its runtime
 /// runs on that one thread (a worker): such a connection is handed only to
 /// clients of the same thread, or each of its requests and responses
@@ -353,7 +360,7 @@ impl Pool {
         }
         let home = current_home();
         let mut idle = lock(&self.idle);
-        idle.retain(|c| !c.sender.is_closed() && c.since.elapsed() < IDLE_TIMEOUT);
+        idle.retain(IdleConnection::worth_keeping);
         if idle.iter().filter(|c| c.home == home).count() < MAX_IDLE {
             idle.push(IdleConnection {
                 sender,
@@ -368,7 +375,7 @@ impl Pool {
     fn take_idle(&self) -> Option<http1::SendRequest<ProxyBody>> {
         let home = current_home();
         let mut idle = lock(&self.idle);
-        idle.retain(|c| !c.sender.is_closed() && c.since.elapsed() < IDLE_TIMEOUT);
+        idle.retain(IdleConnection::worth_keeping);
         let newest = idle
             .iter()
             .rposition(|c| c.home == home && c.sender.is_ready())?;
