@@ -1,7 +1,7 @@
 //! Where client connections are served: one single-threaded tokio runtime
 //! per core, each on a thread of its own, as nginx's workers and HAProxy's
-//! threads run. A connection's task (its client socket, the upstream
-//! connection bound to it, its requests) stays on one thread from accept to
+//! threads run. A client connection's task, its requests and the task of
+//! the upstream connection bound to it stay on one thread from accept to
 //! close, so nothing on the request path is woken on, or stolen by, another
 //! thread. The listener, the admin endpoints and the refreshers stay on the
 //! main runtime. docs/performance.md has the measurement against tokio's
