@@ -224,10 +224,29 @@ async fn upstream_refusing_connections_is_502() {
     assert!(error["message"].as_str().unwrap().len() > 10);
 }
 
+/// A silent upstream times out at both resolutions of the upstream
+/// deadline: tokio's timer for a wait under ten seconds, the workers' tick
+/// for a longer one (`server/deadline.rs`; 11 s, as what is left of the
+/// wait when the request is sent decides).
 #[tokio::test]
 async fn upstream_that_never_answers_is_504() {
+    let (short, ticking) = tokio::join!(
+        answer_of_silent_upstream("1s"),
+        answer_of_silent_upstream("11s")
+    );
+    for (timeout, (status, error)) in [("1s", short), ("11s", ticking)] {
+        assert_eq!(status, 504, "upstream timeout {timeout}");
+        assert_eq!(
+            error["error"], "upstream_timeout",
+            "upstream timeout {timeout}"
+        );
+    }
+}
+
+/// The status and error body a request gets through a proxy whose
+/// upstream accepts connections and reads, but never answers.
+async fn answer_of_silent_upstream(upstream_timeout: &str) -> (u16, Value) {
     let s = setup(StandInOptions::default(), |_| {}).await;
-    // Accepts connections and reads, but never answers.
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let silent_addr = silent.local_addr().unwrap();
     let hold = tokio::spawn(async move {
@@ -239,7 +258,7 @@ async fn upstream_that_never_answers_is_504() {
     let dir = tempfile::tempdir().unwrap();
     let mut options = common::options_for(&s.standin, dir.path());
     options.upstream = Some(format!("http://{silent_addr}"));
-    options.upstream_timeout = Some("1s".into());
+    options.upstream_timeout = Some(upstream_timeout.into());
     let proxy =
         common::start_proxy(common::settings(options, Some(s.standin.refresh_token()))).await;
     proxy.wait_ready().await;
@@ -247,10 +266,10 @@ async fn upstream_that_never_answers_is_504() {
         .await
         .expect("the proxy answers")
         .unwrap();
-    assert_eq!(response.status(), 504);
+    let status = response.status().as_u16();
     let error: Value = response.json().await.unwrap();
-    assert_eq!(error["error"], "upstream_timeout");
     hold.abort();
+    (status, error)
 }
 
 #[tokio::test]
@@ -309,4 +328,36 @@ async fn slow_header_senders_are_cut_off() {
     let mut buffer = Vec::new();
     let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut buffer)).await;
     assert!(read.is_ok(), "the connection stayed open");
+}
+
+/// A header read timeout of ten seconds or more is kept by the workers'
+/// tick rather than tokio's timer (`server/deadline.rs`); it must still cut
+/// a slow client off, on a connection that has served a request before
+/// (the deadline hyper arms between requests) and on a fresh one.
+#[tokio::test]
+async fn slow_header_senders_are_cut_off_by_the_ticking_deadline_too() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup(StandInOptions::default(), |o| {
+        o.header_read_timeout = Some("10s".into())
+    })
+    .await;
+    let mut served_once = tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap();
+    served_once
+        .write_all(b"GET /G2M/rest/meetings HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    served_once.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let mut fresh = tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap();
+    fresh
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    served_once.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    for (name, stream) in [("fresh", &mut fresh), ("served once", &mut served_once)] {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "the {name} connection stayed open");
+    }
 }

@@ -20,6 +20,7 @@ use super::retry::AttemptError;
 use crate::config::UpstreamUrl;
 use crate::metrics::Metrics;
 use crate::outbound::{ConnectTo, Dialer};
+use crate::server::deadline;
 use crate::tls::TlsError;
 
 /// Settings of every outgoing connection.
@@ -168,7 +169,7 @@ impl Upstream {
         let started = Instant::now();
         // Pinned in place: `timeout` would otherwise move the whole exchange future.
         let exchange = std::pin::pin!(self.exchange(affinity, request));
-        match tokio::time::timeout(within, exchange).await {
+        match deadline::timeout_at(started + within, within, exchange).await {
             Ok(result) => result.map(|response| (response, started.elapsed())),
             Err(_) => Err(AttemptError::TimedOut),
         }
@@ -182,7 +183,7 @@ impl Upstream {
         within: Duration,
     ) -> Result<(Response<Incoming>, Duration), AttemptError> {
         let started = Instant::now();
-        let exchange = async {
+        let exchange = std::pin::pin!(async {
             let mut sender = self
                 .pool
                 .open_for_upgrade()
@@ -193,8 +194,8 @@ impl Upstream {
                 .send_request(request)
                 .await
                 .map_err(|e| AttemptError::Fatal(ProxyError::UpstreamFailed(chain(&e))))
-        };
-        match tokio::time::timeout(within, exchange).await {
+        });
+        match deadline::timeout_at(started + within, within, exchange).await {
             Ok(result) => result.map(|response| (response, started.elapsed())),
             Err(_) => Err(AttemptError::TimedOut),
         }

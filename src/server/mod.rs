@@ -4,6 +4,7 @@
 //! inside of a `CONNECT` tunnel), with hyper's upgrades on, through the same
 //! path: first-bytes timeout, header timeout, connection state, drain.
 
+pub mod deadline;
 mod limit;
 mod rewind;
 mod workers;
@@ -17,7 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
@@ -352,14 +353,15 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn connection_builder(options: &ServerOptions) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    let timer = deadline::Timer::for_timeouts_of(options.header_read_timeout);
     builder
         .http1()
-        .timer(TokioTimer::new())
+        .timer(timer)
         .header_read_timeout(options.header_read_timeout)
         .max_buf_size(options.max_header_bytes);
     builder
         .http2()
-        .timer(TokioTimer::new())
+        .timer(timer)
         .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX));
     builder
 }

@@ -10,13 +10,11 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
 
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
-/// How often an otherwise idle worker wakes up; see [`keep_next_wake_near`].
-const TICK: Duration = Duration::from_secs(1);
+use super::deadline::{self, TICK};
 
 /// The worker runtimes; [`Workers::stop`] (or dropping this) stops them,
 /// and with them every connection still served on them.
@@ -53,10 +51,11 @@ impl Workers {
                 .spawn(move || {
                     // The runtime is dropped on this thread, outside any
                     // runtime, which is where tokio allows it.
+                    deadline::keep_on_this_thread();
                     runtime.block_on(async {
                         tokio::select! {
                             _ = stopped => {}
-                            () = keep_next_wake_near() => {}
+                            () = tick() => {}
                         }
                     });
                 })?;
@@ -93,21 +92,22 @@ impl Workers {
     }
 }
 
-/// Wakes the worker every [`TICK`], which keeps its timer's next wake-up
-/// at most that far off. tokio writes to the runtime's eventfd (a system
-/// call, and another return from `epoll_wait`) whenever a timer is
-/// registered that expires before the next planned wake-up, even from the
-/// runtime's own thread; without this, the header read timeout hyper arms
-/// for each request on a keep-alive connection (10 s, the earliest timer
-/// there is) did so for nearly every request: 15,840 `write`s in 20,279
-/// requests at 32 connections, 59 in 31,717 with it (`strace -c -f`);
-/// 1.04 × the req/s at 32 connections, the same at 256, where other
-/// connections' timers are already near.
-async fn keep_next_wake_near() {
+/// Wakes the worker every [`TICK`] to fire the deadlines that have come
+/// due (`deadline.rs`). The tick also keeps tokio's next wake-up at most
+/// that far off, which matters for the tokio timers still armed per
+/// request (upstream waits under ten seconds): tokio writes to the
+/// runtime's eventfd (a system call, and another return from
+/// `epoll_wait`) whenever a timer is registered that expires before the
+/// next planned wake-up, even from the runtime's own thread. Measured when
+/// hyper's header read timeout was still a tokio timer, the earliest one
+/// on a quiet worker: 15,840 `write`s in 20,279 requests at 32 connections
+/// without the tick, 59 in 31,717 with it (`strace -c -f`).
+async fn tick() {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        deadline::fire_due();
     }
 }
 
