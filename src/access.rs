@@ -47,18 +47,23 @@ pub struct AccessLog {
 /// itself: status 499, as nginx logs a client that closed first.
 pub struct Pending {
     request_id: HeaderValue,
+    /// What the line will say of the request, while the line is still to
+    /// be written: by this value, should the client leave first, else by
+    /// the [`Line`] it becomes. `None` when no line is recorded.
+    request: Option<Begun>,
+}
+
+/// A request as its access line tells it.
+struct Begun {
     method: Method,
     /// The request's URI, kept whole (a clone shares its bytes) so that
     /// the path is cut out only when a line is written.
     uri: http::Uri,
     declared_length: Option<u64>,
     started: Instant,
-    /// Whether the line is still to be written: by this value, should the
-    /// client leave first, else by the [`Line`] it becomes.
-    unwritten: bool,
 }
 
-impl Pending {
+impl Begun {
     /// What the line calls the path: a `CONNECT`'s authority, else the
     /// path without the query.
     fn path(&self) -> &str {
@@ -90,17 +95,18 @@ impl AccessLog {
                 made
             }
         };
-        let declared_length = request
-            .headers()
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse().ok());
-        Pending {
-            request_id,
+        let begun = (self.enabled && recorded()).then(|| Begun {
             method: request.method().clone(),
             uri: request.uri().clone(),
-            declared_length,
+            declared_length: request
+                .headers()
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse().ok()),
             started: Instant::now(),
-            unwritten: self.enabled && recorded(),
+        });
+        Pending {
+            request_id,
+            request: begun,
         }
     }
 
@@ -115,14 +121,14 @@ impl AccessLog {
         response
             .headers_mut()
             .insert(REQUEST_ID, pending.request_id.clone());
-        if !pending.unwritten {
-            return response;
-        }
         // From here the line is the `Line`'s to write, not the `Pending`'s.
-        pending.unwritten = false;
+        let Some(request) = pending.request.take() else {
+            return response;
+        };
         let line = Line {
             status: response.status().as_u16(),
-            pending,
+            request_id: pending.request_id.clone(),
+            request,
             note,
             bytes_out: 0,
             complete: false,
@@ -164,7 +170,8 @@ impl Drop for Logged {
 #[derive(Debug)]
 struct Line {
     status: u16,
-    pending: Pending,
+    request_id: HeaderValue,
+    request: Begun,
     note: Note,
     bytes_out: u64,
     complete: bool,
@@ -173,6 +180,14 @@ struct Line {
 impl std::fmt::Debug for Pending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pending")
+            .field("request", &self.request)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Begun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Begun")
             .field("method", &self.method)
             .finish_non_exhaustive()
     }
@@ -181,7 +196,8 @@ impl std::fmt::Debug for Pending {
 impl Drop for Line {
     fn drop(&mut self) {
         write_line(
-            &self.pending,
+            &self.request_id,
+            &self.request,
             self.status,
             &self.note,
             self.bytes_out,
@@ -192,23 +208,37 @@ impl Drop for Line {
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        if self.unwritten {
-            write_line(self, CLIENT_CLOSED, &Note::default(), 0, false);
+        if let Some(request) = &self.request {
+            write_line(
+                &self.request_id,
+                request,
+                CLIENT_CLOSED,
+                &Note::default(),
+                0,
+                false,
+            );
         }
     }
 }
 
-fn write_line(pending: &Pending, status: u16, note: &Note, bytes_out: u64, complete: bool) {
+fn write_line(
+    request_id: &HeaderValue,
+    request: &Begun,
+    status: u16,
+    note: &Note,
+    bytes_out: u64,
+    complete: bool,
+) {
     let millis = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
-    let bytes_in = note.bytes_in.or(pending.declared_length);
+    let bytes_in = note.bytes_in.or(request.declared_length);
     tracing::info!(
         target: TARGET,
-        request_id = pending.request_id.to_str().unwrap_or_default(),
+        request_id = request_id.to_str().unwrap_or_default(),
         account = note.account.as_deref().unwrap_or_default(),
-        method = %pending.method,
-        path = pending.path(),
+        method = %request.method,
+        path = request.path(),
         status,
-        duration_ms = millis(pending.started.elapsed()),
+        duration_ms = millis(request.started.elapsed()),
         upstream_ms = millis(note.upstream),
         retried = note.retried,
         rate_delayed_ms = millis(note.rate_delayed),
