@@ -361,3 +361,49 @@ async fn slow_header_senders_are_cut_off_by_the_ticking_deadline_too() {
         assert!(read.is_ok(), "the {name} connection stayed open");
     }
 }
+
+/// The drain tells idle keep-alive connections to close at once (it holds
+/// their wakers): the proxy stops long before its drain timeout, each idle
+/// connection sees the end of its stream, and one mid-request still gets
+/// its answer.
+#[tokio::test]
+async fn the_drain_closes_idle_keep_alive_connections_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Nothing else would wake an idle connection before PATIENCE runs out:
+    // not the drain timeout, not the header read timeout.
+    let s = setup(StandInOptions::default(), |o| {
+        o.drain_timeout = Some("10min".into());
+        o.header_read_timeout = Some("10min".into());
+    })
+    .await;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let mut stream = tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap();
+        stream
+            .write_all(b"GET /G2M/rest/meetings HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        idle.push(stream);
+    }
+    let in_flight = tokio::spawn(client().get(s.proxy.url("/sleep/1000")).send());
+    common::wait_for("the slow request to reach the API", || async {
+        s.standin
+            .recorded_requests()
+            .iter()
+            .any(|r| r.path_and_query.starts_with("/sleep"))
+    })
+    .await;
+    // `stop` waits at most PATIENCE, far below the drain timeout.
+    let stopping = tokio::spawn(s.proxy.stop());
+    let response = in_flight.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200, "the request in flight was cut off");
+    stopping.await.unwrap().unwrap();
+    for mut stream in idle {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "an idle connection stayed open");
+    }
+}

@@ -5,6 +5,7 @@
 //! path: first-bytes timeout, header timeout, connection state, drain.
 
 pub mod deadline;
+mod drain;
 mod limit;
 mod rewind;
 mod workers;
@@ -12,19 +13,19 @@ mod workers;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
+use self::drain::Drain;
 pub use self::limit::{Admission, ConnectionLimit};
 pub use self::rewind::Rewind;
 pub use self::workers::Workers;
@@ -99,9 +100,9 @@ pub struct ServerOptions {
 /// connections inside its tunnels alike.
 pub struct Server {
     name: &'static str,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    /// Taken by the drain; a stream offered after it is not served.
-    graceful: Mutex<Option<GracefulShutdown>>,
+    builders: Arc<Builders>,
+    /// A stream offered after the drain has begun is not served.
+    drain: Drain,
     options: ServerOptions,
     /// Where accepted connections are served; the current runtime when `None`.
     workers: Option<Arc<Workers>>,
@@ -120,8 +121,8 @@ impl Server {
     pub fn new(name: &'static str, options: ServerOptions) -> Self {
         Self {
             name,
-            builder: Arc::new(connection_builder(&options)),
-            graceful: Mutex::new(Some(GracefulShutdown::new())),
+            builders: Arc::new(Builders::new(&options)),
+            drain: Drain::new(),
             options,
             workers: None,
         }
@@ -154,11 +155,11 @@ impl Server {
         H: Handler,
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let builder = self.builder.clone();
-        let watcher = lock(&self.graceful).as_ref().map(GracefulShutdown::watcher);
+        let builders = self.builders.clone();
+        let watch = self.drain.watch();
         let first_bytes_timeout = self.options.header_read_timeout;
         async move {
-            let Some(watcher) = watcher else {
+            let Some(watch) = watch else {
                 tracing::debug!(%peer, "not serving a connection offered during the drain");
                 return;
             };
@@ -172,10 +173,20 @@ impl Server {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handler.handle(&state, request).await) }
             });
-            let connection = builder
-                .serve_connection_with_upgrades(TokioIo::new(Rewind::new(prefix, stream)), service)
-                .into_owned();
-            let result = watcher.watch(connection).await;
+            // The first bytes have told the versions apart already.
+            let http2 = prefix == H2_PREFACE;
+            let io = TokioIo::new(Rewind::new(prefix, stream));
+            let result = if http2 {
+                let connection = builders.http2.serve_connection(io, service);
+                watch
+                    .serve(connection, http2::Connection::graceful_shutdown)
+                    .await
+            } else {
+                let connection = builders.http1.serve_connection(io, service).with_upgrades();
+                watch
+                    .serve(connection, http1::UpgradeableConnection::graceful_shutdown)
+                    .await
+            };
             if let Err(error) = result {
                 tracing::debug!(%peer, error = %error, "client connection ended with an error");
             }
@@ -212,13 +223,13 @@ impl Server {
         });
     }
 
-    /// Waits, up to the drain timeout, for the connections still open.
+    /// Tells every connection to close after its request in flight, and
+    /// waits up to the drain timeout for them.
     pub async fn drain(&self) {
         let (name, timeout) = (self.name, self.options.drain_timeout);
-        let Some(graceful) = lock(&self.graceful).take() else {
+        let Some(count) = self.drain.begin() else {
             return;
         };
-        let count = graceful.count();
         if count > 0 {
             tracing::info!(
                 listener = name,
@@ -226,7 +237,7 @@ impl Server {
                 "waiting for requests in flight"
             );
         }
-        match tokio::time::timeout(timeout, graceful.shutdown()).await {
+        match tokio::time::timeout(timeout, self.drain.closed()).await {
             Ok(()) => tracing::debug!(listener = name, "all connections closed"),
             Err(_) => tracing::warn!(
                 listener = name,
@@ -347,21 +358,25 @@ async fn first_bytes<S: AsyncRead + Unpin>(mut stream: S, timeout: Duration) -> 
     known.then(|| (Bytes::copy_from_slice(&buffer[..filled]), stream))
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
+/// hyper's HTTP/1 and HTTP/2 connection settings, one of which serves
+/// each connection.
+struct Builders {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
 }
 
-fn connection_builder(options: &ServerOptions) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    let timer = deadline::Timer::for_timeouts_of(options.header_read_timeout);
-    builder
-        .http1()
-        .timer(timer)
-        .header_read_timeout(options.header_read_timeout)
-        .max_buf_size(options.max_header_bytes);
-    builder
-        .http2()
-        .timer(timer)
-        .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX));
-    builder
+impl Builders {
+    fn new(options: &ServerOptions) -> Self {
+        let timer = deadline::Timer::for_timeouts_of(options.header_read_timeout);
+        let mut http1 = http1::Builder::new();
+        http1
+            .timer(timer)
+            .header_read_timeout(options.header_read_timeout)
+            .max_buf_size(options.max_header_bytes);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(timer)
+            .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX));
+        Self { http1, http2 }
+    }
 }
