@@ -4,8 +4,8 @@
 //!
 //! A tokio timer costs, per request, a registration in the runtime's timer
 //! wheel under its lock, a removal when it is dropped unfired, and the
-//! clock arithmetic of both (about 1,500 instructions for the two timers
-//! under callgrind, docs/performance.md). Here arming a deadline is a push
+//! clock arithmetic of both; these deadlines take 500 instructions a
+//! request fewer under callgrind (docs/performance.md). Arming one is a push
 //! into a slab of the worker thread's own, dropping it a removal, and the
 //! worker's tick (every [`TICK`]) wakes what has come due: a deadline fires
 //! up to one tick late. That is used only where it is at most a tenth of
