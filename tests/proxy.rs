@@ -314,7 +314,7 @@ async fn a_forbidden_that_is_not_about_the_token_passes_through_untouched() {
 
 #[tokio::test]
 async fn slow_header_senders_are_cut_off() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let s = setup(StandInOptions::default(), |o| {
         o.header_read_timeout = Some("1s".into())
     })
@@ -325,9 +325,30 @@ async fn slow_header_senders_are_cut_off() {
         .await
         .unwrap();
     // Never finish the head: the proxy must close the connection by itself.
-    let mut buffer = Vec::new();
-    let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut buffer)).await;
-    assert!(read.is_ok(), "the connection stayed open");
+    expect_closed_by_the_proxy(stream, "the connection").await;
+}
+
+/// Reads `stream` to its end, which the proxy must reach within PATIENCE.
+async fn expect_closed_by_the_proxy(mut stream: tokio::net::TcpStream, what: &str) {
+    use tokio::io::AsyncReadExt;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "{what} stayed open");
+}
+
+/// A keep-alive connection to `proxy` that has been answered one request
+/// (the start of the answer read) and is idle now.
+async fn served_once(proxy: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    stream
+        .write_all(b"GET /G2M/rest/meetings HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    stream
 }
 
 /// A header read timeout of ten seconds or more is kept by the workers'
@@ -336,30 +357,20 @@ async fn slow_header_senders_are_cut_off() {
 /// (the deadline hyper arms between requests) and on a fresh one.
 #[tokio::test]
 async fn slow_header_senders_are_cut_off_by_the_ticking_deadline_too() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let s = setup(StandInOptions::default(), |o| {
         o.header_read_timeout = Some("10s".into())
     })
     .await;
-    let mut served_once = tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap();
-    served_once
-        .write_all(b"GET /G2M/rest/meetings HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut head = [0u8; 12];
-    served_once.read_exact(&mut head).await.unwrap();
-    assert_eq!(&head, b"HTTP/1.1 200");
+    let mut served = served_once(s.proxy.addr).await;
     let mut fresh = tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap();
     fresh
         .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
         .await
         .unwrap();
-    served_once.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
-    for (name, stream) in [("fresh", &mut fresh), ("served once", &mut served_once)] {
-        let mut rest = Vec::new();
-        let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest)).await;
-        assert!(read.is_ok(), "the {name} connection stayed open");
-    }
+    served.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    expect_closed_by_the_proxy(fresh, "the fresh connection").await;
+    expect_closed_by_the_proxy(served, "the connection served once").await;
 }
 
 /// The drain tells idle keep-alive connections to close at once (it holds
@@ -368,7 +379,6 @@ async fn slow_header_senders_are_cut_off_by_the_ticking_deadline_too() {
 /// its answer.
 #[tokio::test]
 async fn the_drain_closes_idle_keep_alive_connections_at_once() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // Nothing else would wake an idle connection before PATIENCE runs out:
     // not the drain timeout, not the header read timeout.
     let s = setup(StandInOptions::default(), |o| {
@@ -378,15 +388,7 @@ async fn the_drain_closes_idle_keep_alive_connections_at_once() {
     .await;
     let mut idle = Vec::new();
     for _ in 0..3 {
-        let mut stream = tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap();
-        stream
-            .write_all(b"GET /G2M/rest/meetings HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut head = [0u8; 12];
-        stream.read_exact(&mut head).await.unwrap();
-        assert_eq!(&head, b"HTTP/1.1 200");
-        idle.push(stream);
+        idle.push(served_once(s.proxy.addr).await);
     }
     let in_flight = tokio::spawn(client().get(s.proxy.url("/sleep/1000")).send());
     common::wait_for("the slow request to reach the API", || async {
@@ -401,9 +403,7 @@ async fn the_drain_closes_idle_keep_alive_connections_at_once() {
     let response = in_flight.await.unwrap().unwrap();
     assert_eq!(response.status(), 200, "the request in flight was cut off");
     stopping.await.unwrap().unwrap();
-    for mut stream in idle {
-        let mut rest = Vec::new();
-        let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest)).await;
-        assert!(read.is_ok(), "an idle connection stayed open");
+    for stream in idle {
+        expect_closed_by_the_proxy(stream, "an idle connection").await;
     }
 }

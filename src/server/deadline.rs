@@ -332,6 +332,17 @@ mod tests {
         Pin::new(sleep).poll(&mut Context::from_waker(waker))
     }
 
+    /// Runs `test` on a fresh thread that keeps deadlines (as a worker's
+    /// does), so that each test has a slab of its own.
+    fn on_a_thread_keeping_deadlines(test: impl FnOnce() + Send + 'static) {
+        std::thread::spawn(|| {
+            keep_on_this_thread();
+            test();
+        })
+        .join()
+        .unwrap();
+    }
+
     fn armed_count() -> usize {
         ARMED.with(|armed| {
             let armed = armed.borrow();
@@ -342,8 +353,7 @@ mod tests {
 
     #[test]
     fn a_due_deadline_is_woken_by_the_tick_and_then_ready() {
-        std::thread::spawn(|| {
-            keep_on_this_thread();
+        on_a_thread_keeping_deadlines(|| {
             let (woken, waker) = counting_waker();
             let mut sleep = Sleep::until(Instant::now(), COARSE_FROM);
             assert!(sleep.is_coarse());
@@ -356,15 +366,12 @@ mod tests {
             assert_eq!(woken.0.load(Ordering::SeqCst), 1);
             assert_eq!(armed_count(), 0);
             assert!(poll(&mut sleep, &waker).is_ready());
-        })
-        .join()
-        .unwrap();
+        });
     }
 
     #[test]
     fn a_deadline_not_yet_due_is_left_armed_and_dropping_it_disarms_it() {
-        std::thread::spawn(|| {
-            keep_on_this_thread();
+        on_a_thread_keeping_deadlines(|| {
             let (woken, waker) = counting_waker();
             let later = Instant::now() + Duration::from_secs(3600);
             let mut sleep = Sleep::until(later, COARSE_FROM);
@@ -379,15 +386,12 @@ mod tests {
             let mut next = Sleep::until(later, COARSE_FROM);
             assert!(poll(&mut next, &waker).is_pending());
             assert_eq!(armed_count(), 1);
-        })
-        .join()
-        .unwrap();
+        });
     }
 
     #[test]
     fn the_latest_waker_is_the_one_woken() {
-        std::thread::spawn(|| {
-            keep_on_this_thread();
+        on_a_thread_keeping_deadlines(|| {
             let (first, first_waker) = counting_waker();
             let (second, second_waker) = counting_waker();
             let mut sleep = Sleep::until(Instant::now(), COARSE_FROM);
@@ -396,15 +400,12 @@ mod tests {
             fire_due();
             assert_eq!(first.0.load(Ordering::SeqCst), 0);
             assert_eq!(second.0.load(Ordering::SeqCst), 1);
-        })
-        .join()
-        .unwrap();
+        });
     }
 
     #[test]
     fn a_woken_deadline_not_yet_due_arms_again() {
-        std::thread::spawn(|| {
-            keep_on_this_thread();
+        on_a_thread_keeping_deadlines(|| {
             let (_, waker) = counting_waker();
             let later = Instant::now() + Duration::from_secs(3600);
             let mut sleep = Sleep::until(later, COARSE_FROM);
@@ -418,9 +419,7 @@ mod tests {
                 "the clock says not yet"
             );
             assert_eq!(armed_count(), 2, "armed again here");
-        })
-        .join()
-        .unwrap();
+        });
     }
 
     #[tokio::test]
